@@ -1,0 +1,47 @@
+"""Annotators by name. Entries are import paths so optional dependencies load only when used."""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+from annotators.base import Captioner, ConfigError, Segmenter
+
+SEGMENTERS: dict[str, str] = {
+    "classical": "annotators.classical:ClassicalSegmenter",
+    "given": "annotators.given:GivenSegmenter",
+    "sam-auto": "annotators.sam:SamAutoSegmenter",
+    "sam-boxes": "annotators.sam:SamBoxesSegmenter",
+}
+
+CAPTIONERS: dict[str, str] = {
+    "attributes": "annotators.attributes:AttributesCaptioner",
+    "vllm": "annotators.vllm:VllmCaptioner",
+    "transformers": "annotators.hf_captioner:TransformersCaptioner",
+}
+
+
+def _load(table: dict[str, str], role: str, name: str) -> type:
+    if name not in table:
+        raise ConfigError(f"{role}.name: unknown {role} '{name}'; use one of: {', '.join(sorted(table))}")
+    module_name, cls_name = table[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"{role}.name: '{name}' needs an optional dependency that is not installed ({exc}); "
+            f"install the project's extra for it (see README, 'Extras')") from exc
+    return getattr(module, cls_name)
+
+
+def build_segmenter(config: Mapping[str, Any]) -> Segmenter:
+    """Segmenter from a config section {name: ..., <settings>}."""
+    config = dict(config)
+    cls = _load(SEGMENTERS, "segmenter", config.pop("name", "classical"))
+    return cls(config, where="segmenter")
+
+
+def build_captioner(config: Mapping[str, Any]) -> Captioner:
+    """Captioner from a config section {name: ..., <settings>}."""
+    config = dict(config)
+    cls = _load(CAPTIONERS, "captioner", config.pop("name", "attributes"))
+    return cls(config, where="captioner")
