@@ -1,0 +1,82 @@
+"""`classical`: weight-free segmentation (scikit-image) merged into a 3-level hierarchy.
+
+Felzenszwalb superpixels are merged on a region adjacency graph at two colour-distance
+thresholds. Merging by threshold only joins superpixels, so every mid-level segment lies inside
+exactly one coarse segment, and every fine one inside a mid one: containment (and thus the
+parent links built later) is exact. A fallback that runs anywhere, not a learned segmenter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from annotators import masks as rle
+from annotators.base import (AnnotatorFailure, Candidate, SegmentInput, SegmentOutput, Segmenter,
+                             require)
+
+
+@dataclass
+class ClassicalSettings:
+    """Settings of the classical segmenter."""
+
+    work_side: int = 256          # segmentation runs at this longest side; masks are upscaled
+    scale: float = 120.0          # felzenszwalb scale of the finest level
+    sigma: float = 0.8
+    min_size_frac: float = 0.002  # smallest superpixel as a fraction of the work image
+    mid_threshold: float = 24.0   # RAG mean-colour distance merged into parts
+    coarse_threshold: float = 48.0  # ... and into wholes
+    levels: int = 3               # 1 = wholes only, 2 = + parts, 3 = + subparts
+
+    def check(self) -> None:
+        require(32 <= self.work_side <= 2048, "work_side", "must be in 32..2048")
+        require(self.scale > 0, "scale", "must be > 0")
+        require(0 < self.mid_threshold < self.coarse_threshold, "mid_threshold",
+                "need 0 < mid_threshold < coarse_threshold")
+        require(self.levels in (1, 2, 3), "levels", "must be 1, 2 or 3")
+
+
+class ClassicalSegmenter(Segmenter):
+    """Hierarchical colour segmentation with scikit-image; no weights."""
+
+    name = "classical"
+    version = "1"
+    Settings = ClassicalSettings
+
+    def segment_batch(self, images: list[SegmentInput]) -> list[SegmentOutput | AnnotatorFailure]:
+        out: list[SegmentOutput | AnnotatorFailure] = []
+        for item in images:
+            try:
+                out.append(self._segment(item.rgb))
+            except Exception as exc:  # one bad image must not sink the batch
+                out.append(AnnotatorFailure("segmenter_error", f"{type(exc).__name__}: {exc}"))
+        return out
+
+    def _levels(self, small: np.ndarray) -> list[np.ndarray]:
+        from skimage import graph, segmentation
+
+        s = self.settings
+        min_size = max(4, int(s.min_size_frac * small.shape[0] * small.shape[1]))
+        fine = segmentation.felzenszwalb(small, scale=s.scale, sigma=s.sigma, min_size=min_size)
+        rag = graph.rag_mean_color(small, fine)
+        mid = graph.cut_threshold(fine, rag, s.mid_threshold, in_place=False)
+        rag = graph.rag_mean_color(small, fine)
+        coarse = graph.cut_threshold(fine, rag, s.coarse_threshold, in_place=False)
+        return [coarse, mid, fine][: s.levels]
+
+    def _segment(self, rgb: np.ndarray) -> SegmentOutput:
+        height, width = rgb.shape[:2]
+        scale = min(1.0, self.settings.work_side / max(height, width))
+        small_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small = np.asarray(Image.fromarray(rgb).resize(small_size, Image.Resampling.BILINEAR))
+        candidates: list[Candidate] = []
+        for level, labels in enumerate(self._levels(small)):
+            full = np.asarray(Image.fromarray(labels.astype(np.int32), mode="I").resize(
+                (width, height), Image.Resampling.NEAREST))
+            for value in np.unique(full):
+                mask = full == value
+                encoded = rle.encode(mask)
+                candidates.append(Candidate(bbox=rle.bbox(encoded), area=float(mask.sum()),
+                                            rle=encoded, scores={}, source=f"classical:level{level}"))
+        return SegmentOutput(candidates=candidates)

@@ -1,0 +1,134 @@
+"""`given`: masks and boxes that come with the input, no model.
+
+Sources (per input, from the manifest or the generator): ``boxes`` ([[x, y, w, h], ...]),
+``masks`` (COCO RLE, compressed or not), ``sa1b`` (a per-image SA-1B json with RLE annotations),
+``coco`` (a COCO instances json, with ``image_id``), and the ground truth of synthetic scenes.
+Annotations refer to the input's original size; they are rescaled to the stored image.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from PIL import Image
+
+from annotators import masks as rle
+from annotators.base import AnnotatorFailure, Candidate, SegmentInput, SegmentOutput, Segmenter
+
+
+@dataclass
+class GivenSettings:
+    """Settings of the given segmenter."""
+
+    use_boxes: bool = True
+    use_masks: bool = True
+    boxes_from_masks: bool = False   # also keep the mask-less box of every given mask
+
+
+@functools.lru_cache(maxsize=4)
+def _load_json(path: str) -> Any:
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+@functools.lru_cache(maxsize=4)
+def _coco_index(path: str) -> dict[Any, list[dict]]:
+    data = _load_json(path)
+    index: dict[Any, list[dict]] = {}
+    sizes = {img["id"]: (img["height"], img["width"]) for img in data.get("images", [])}
+    for ann in data.get("annotations", []):
+        ann = dict(ann, _size=sizes.get(ann["image_id"]))
+        index.setdefault(ann["image_id"], []).append(ann)
+        index.setdefault(str(ann["image_id"]), []).append(ann)
+    return index
+
+
+def _rescale_mask(encoded: dict, height: int, width: int) -> dict:
+    encoded = rle.normalize(encoded)
+    if list(encoded["size"]) == [height, width]:
+        return encoded
+    mask = Image.fromarray(rle.decode(encoded).astype(np.uint8) * 255)
+    return rle.encode(np.asarray(mask.resize((width, height), Image.Resampling.NEAREST)) > 127)
+
+
+def _rescale_box(box: list[float], sx: float, sy: float, width: int, height: int) -> list[float]:
+    x, y, w, h = (float(v) for v in box)
+    x0, y0 = max(0.0, x * sx), max(0.0, y * sy)
+    x1, y1 = min(float(width), (x + w) * sx), min(float(height), (y + h) * sy)
+    return [x0, y0, max(0.0, x1 - x0), max(0.0, y1 - y0)]
+
+
+def _sa1b_masks(path: str) -> list[tuple[dict, dict[str, float]]]:
+    data = _load_json(path)
+    out = []
+    for ann in data.get("annotations", []):
+        scores = {k: float(ann[v]) for k, v in (("predicted_iou", "predicted_iou"),
+                                                 ("stability", "stability_score")) if v in ann}
+        out.append((ann["segmentation"], scores))
+    return out
+
+
+def _coco_masks(path: str, image_id: Any) -> list[tuple[dict, dict[str, float]]]:
+    out = []
+    for ann in _coco_index(path).get(image_id, []):
+        seg = ann.get("segmentation")
+        height, width = ann["_size"] or (None, None)
+        if isinstance(seg, list) and seg and height:
+            out.append((rle.from_polygons(seg, height, width), {}))
+        elif isinstance(seg, dict):
+            out.append((rle.normalize(seg), {}))
+    return out
+
+
+class GivenSegmenter(Segmenter):
+    """Imports masks/boxes given with each input."""
+
+    name = "given"
+    version = "1"
+    Settings = GivenSettings
+
+    def segment_batch(self, images: list[SegmentInput]) -> list[SegmentOutput | AnnotatorFailure]:
+        out: list[SegmentOutput | AnnotatorFailure] = []
+        for item in images:
+            try:
+                out.append(self._one(item))
+            except Exception as exc:
+                out.append(AnnotatorFailure("bad_annotations", f"{type(exc).__name__}: {exc}"))
+        return out
+
+    def _one(self, item: SegmentInput) -> SegmentOutput:
+        given = item.given or {}
+        height, width = item.rgb.shape[:2]
+        orig_h, orig_w = given.get("original_size", (height, width))
+        sx, sy = width / orig_w, height / orig_h
+        candidates: list[Candidate] = []
+        masks: list[tuple[dict, dict[str, float], str]] = []
+        if self.settings.use_masks:
+            masks += [(m, {}, "given:masks") for m in given.get("masks", [])]
+            if given.get("sa1b"):
+                masks += [(m, s, "given:sa1b") for m, s in _sa1b_masks(given["sa1b"])]
+            if given.get("coco"):
+                masks += [(m, s, "given:coco") for m, s in _coco_masks(given["coco"], given.get("image_id"))]
+        dropped: dict[str, int] = {}
+        for encoded, scores, source in masks:
+            encoded = _rescale_mask(encoded, height, width)
+            area = rle.area(encoded)
+            if area == 0:
+                dropped["empty_mask"] = dropped.get("empty_mask", 0) + 1
+                continue
+            candidates.append(Candidate(rle.bbox(encoded), float(area), encoded, scores, None, source))
+            if self.settings.boxes_from_masks:
+                box = rle.bbox(encoded)
+                candidates.append(Candidate(box, box[2] * box[3], None, scores, None, source + ":box"))
+        if self.settings.use_boxes:
+            for box in given.get("boxes", []):
+                scaled = _rescale_box(box, sx, sy, width, height)
+                if scaled[2] <= 0 or scaled[3] <= 0:
+                    dropped["empty_box"] = dropped.get("empty_box", 0) + 1
+                    continue
+                candidates.append(Candidate(scaled, scaled[2] * scaled[3], None, {}, None, "given:boxes"))
+        return SegmentOutput(candidates=candidates, dropped=dropped)

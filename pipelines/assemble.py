@@ -1,0 +1,79 @@
+"""Assemble: an annotated ImageItem → a schema-valid record (or failures)."""
+from __future__ import annotations
+
+from typing import Any
+
+from annotators.base import CaptionResult, RegionView, TextOut
+from pipelines.types import Failure, ImageItem
+from schemas import SCHEMA_VERSION, record_errors
+
+
+def _drop_failed(regions: list[RegionView], failed: set[str]) -> list[RegionView]:
+    """Remove failed regions; their children move up to the nearest surviving ancestor."""
+    by_id = {r.id: r for r in regions}
+    kept = []
+    for region in regions:
+        if region.id in failed:
+            continue
+        parent = region.parent
+        while parent is not None and parent in failed:
+            parent = by_id[parent].parent
+        kept.append(RegionView(region.id, region.level, parent, region.bbox, region.area, region.rle,
+                               region.stats))
+    return kept
+
+
+def _region_json(region: RegionView, text: TextOut, segmenter: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": region.id,
+        "level": region.level,
+        "parent": region.parent,
+        "bbox": [round(float(v), 2) for v in region.bbox],
+        "area": float(region.area),
+        "mask": region.rle,
+        "scores": {k: round(float(v), 6) for k, v in {**region.stats.get("scores", {}), **text.scores}.items()},
+        "caption": text.caption,
+        "long_caption": text.long_caption,
+        "tags": list(text.tags),
+        "provenance": {"segmenter": {**segmenter, "source": region.stats.get("source", "")},
+                       "captioner": text.provenance},
+    }
+
+
+def build_record(item: ImageItem, segmenter: dict[str, Any], pipeline_version: str,
+                 settings_hash: str) -> tuple[dict[str, Any] | None, list[Failure]]:
+    """The record for ``item`` plus region-level failures; (None, failures) if the image fails."""
+    result: CaptionResult = item.captions
+    failures = list(item.region_failures)
+    for f in result.failures:
+        if f.region_id is None:
+            return None, failures + [item.fail("caption", f.reason, f.detail)]
+        failures.append(Failure(item.ref.key, item.ref.uri, "caption", f.reason, f.detail,
+                                f.region_id, item.ref.shard))
+    if result.image_level is None:
+        return None, failures + [item.fail("caption", "no_image_caption", "captioner returned none")]
+    missing = {r.id for r in item.regions} - set(result.regions)
+    for region_id in sorted(missing - {f.region_id for f in result.failures}):
+        failures.append(Failure(item.ref.key, item.ref.uri, "caption", "missing_caption",
+                                "captioner gave no text", region_id, item.ref.shard))
+    regions = _drop_failed(item.regions, missing)
+    source: dict[str, Any] = {"uri": item.ref.uri, "sha256": item.sha256}
+    if item.ref.dataset:
+        source["dataset"] = item.ref.dataset
+    if item.ground_truth:
+        source["ground_truth"] = item.ground_truth
+    image_level = result.image_level
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "key": item.ref.key,
+        "source": source,
+        "image": {"width": item.width, "height": item.height, "format": item.format, **item.image_info},
+        "image_level": {"caption": image_level.caption, "long_caption": image_level.long_caption,
+                        "tags": list(image_level.tags), "provenance": image_level.provenance},
+        "regions": [_region_json(r, result.regions[r.id], segmenter) for r in regions],
+        "provenance": {"pipeline_version": pipeline_version, "settings_hash": settings_hash},
+    }
+    errors = record_errors(record)
+    if errors:
+        return None, failures + [item.fail("assemble", "schema_invalid", "; ".join(errors[:5]))]
+    return record, failures

@@ -1,0 +1,158 @@
+"""Pipeline settings: YAML file → validated dataclasses. Errors name the field and the fix."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from apache_beam.io.filesystems import FileSystems
+
+from annotators.base import ConfigError, parse_settings, require, stable_hash
+from annotators.registry import build_captioner, build_segmenter
+
+PIPELINE_VERSION = "0.1.0"
+
+
+@dataclass
+class ShardSettings:
+    """How records are grouped into tar shards."""
+
+    samples_per_shard: int = 64
+    split: str = "train"
+
+    def check(self) -> None:
+        require(self.samples_per_shard >= 1, "samples_per_shard", "must be at least 1")
+        require(self.split.replace("_", "").replace("-", "").isalnum(), "split",
+                "use letters, digits, '-' or '_' (it becomes part of shard names)")
+
+
+@dataclass
+class DecodeSettings:
+    """Decode hygiene: limits checked before and after decoding, and how images are stored."""
+
+    max_side: int = 1024          # longest side of the stored image; larger inputs are resized
+    min_side: int = 32            # shorter side below this → failure too_small
+    max_aspect: float = 8.0       # long/short side above this → failure bad_aspect
+    max_pixels: int = 178_956_970  # checked from the header before a full decode (bomb guard)
+    max_bytes: int = 256 * 1024 * 1024
+    jpeg_quality: int = 95
+    dedup: bool = True            # exact duplicates (sha256) → one record, the rest failures
+
+    def check(self) -> None:
+        require(self.max_side >= 16, "max_side", "must be at least 16")
+        require(1 <= self.min_side <= self.max_side, "min_side", "must be between 1 and max_side")
+        require(self.max_aspect >= 1, "max_aspect", "must be at least 1")
+        require(self.max_pixels >= self.max_side, "max_pixels", "must be a positive pixel count")
+        require(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be in 1..100")
+
+
+@dataclass
+class RegionSettings:
+    """Turning a flat set of candidate masks/boxes into the record's region tree."""
+
+    max_regions: int = 32         # most top-level regions kept per image (largest first)
+    max_total: int = 96           # most regions of all levels per image
+    max_depth: int = 3            # whole / part / subpart
+    min_area_frac: float = 0.002  # drop candidates smaller than this fraction of the image
+    max_area_frac: float = 0.98   # drop candidates that are (almost) the whole image
+    min_predicted_iou: float = 0.0
+    min_stability: float = 0.0
+    dedup_iou: float = 0.9        # candidates overlapping more than this are merged (keep best)
+    contain_frac: float = 0.9     # a candidate lies in another if this fraction of it is inside
+    box_regions: bool = True      # add a box-level region for every top-level mask
+
+    def check(self) -> None:
+        require(self.max_regions >= 0, "max_regions", "must be >= 0")
+        require(1 <= self.max_depth <= 3, "max_depth", "must be 1, 2 or 3")
+        require(0 <= self.min_area_frac < self.max_area_frac <= 1, "min_area_frac",
+                "need 0 <= min_area_frac < max_area_frac <= 1")
+        require(0 < self.dedup_iou <= 1, "dedup_iou", "must be in (0, 1]")
+        require(0.5 <= self.contain_frac <= 1, "contain_frac", "must be in [0.5, 1]")
+
+
+@dataclass
+class BatchSettings:
+    """Batch sizes of the model stages (Beam BatchElements bounds)."""
+
+    segment: int = 4
+    caption: int = 8
+
+    def check(self) -> None:
+        require(self.segment >= 1, "segment", "must be at least 1")
+        require(self.caption >= 1, "caption", "must be at least 1")
+
+
+@dataclass
+class PipelineConfig:
+    """All settings of one build. ``segmenter``/``captioner`` are {name, **annotator settings}."""
+
+    shards: ShardSettings = field(default_factory=ShardSettings)
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    regions: RegionSettings = field(default_factory=RegionSettings)
+    batch: BatchSettings = field(default_factory=BatchSettings)
+    segmenter: dict[str, Any] = field(default_factory=lambda: {"name": "classical"})
+    captioner: dict[str, Any] = field(default_factory=lambda: {"name": "attributes"})
+    dataset_name: str = "dataset"
+
+    def settings_hash(self) -> str:
+        """Hash of everything that changes the output bytes."""
+        return stable_hash({"config": dataclasses.asdict(self), "pipeline_version": PIPELINE_VERSION})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for the manifest)."""
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"shards": ShardSettings, "decode": DecodeSettings, "regions": RegionSettings,
+             "batch": BatchSettings}
+_KNOWN = list(_SECTIONS) + ["segmenter", "captioner", "dataset_name"]
+
+
+def config_from_dict(data: dict[str, Any] | None) -> PipelineConfig:
+    """Validate a config mapping; annotators are built once to check their settings too."""
+    data = dict(data or {})
+    for name in data:
+        if name not in _KNOWN:
+            close = difflib.get_close_matches(name, _KNOWN, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known sections: {', '.join(_KNOWN)}"
+            raise ConfigError(f"{name}: unknown config section; {hint}")
+    kwargs: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        section = data.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{name}: expected a mapping of settings, got {section!r}")
+        kwargs[name] = parse_settings(cls, section, name)
+    for role in ("segmenter", "captioner"):
+        section = data.get(role)
+        if section is None:
+            continue
+        if isinstance(section, str):
+            section = {"name": section}
+        if not isinstance(section, dict) or "name" not in section:
+            raise ConfigError(f"{role}: expected a mapping with 'name' (e.g. {role}: {{name: ...}})")
+        kwargs[role] = dict(section)
+    if "dataset_name" in data:
+        kwargs["dataset_name"] = str(data["dataset_name"])
+    config = PipelineConfig(**kwargs)
+    build_segmenter(config.segmenter)   # validates settings; loads nothing
+    build_captioner(config.captioner)
+    return config
+
+
+def load_config(path: str | None) -> PipelineConfig:
+    """Read a YAML config (any Beam filesystem path); None gives the embedded defaults."""
+    if not path:
+        return config_from_dict({})
+    if not FileSystems.exists(path):
+        raise ConfigError(f"--config: file '{path}' does not exist; pass an existing YAML file")
+    with FileSystems.open(path) as handle:
+        text = handle.read().decode("utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config: '{path}' is not valid YAML ({exc}); fix the syntax") from exc
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"--config: '{path}' must hold a mapping of sections at the top level")
+    return config_from_dict(data)

@@ -1,0 +1,175 @@
+"""Reading input bytes and decode hygiene: every odd image becomes RGB or a named failure."""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from pipelines.config import DecodeSettings
+from pipelines.synthetic import scene_png
+from pipelines.types import ImageRef
+
+
+class InputError(Exception):
+    """An input that cannot become a record: ``reason`` is machine-readable."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Decoded:
+    """A normalized image: encoded bytes of the stored RGB image plus facts about the input."""
+
+    data: bytes
+    format: str
+    width: int
+    height: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def read_bytes(ref: ImageRef, max_bytes: int) -> tuple[bytes, list[dict[str, Any]] | None]:
+    """The input's bytes (and ground truth for synthetic scenes)."""
+    loader = ref.loader
+    if loader["kind"] == "synthetic":
+        return scene_png(loader["seed"], loader["index"], loader["size"])
+    try:
+        with FileSystems.open(loader["path"]) as handle:
+            if loader["kind"] == "tar":
+                handle.seek(loader["offset"])
+                size = loader["size"]
+                if size > max_bytes:
+                    raise InputError("too_large", f"{size} bytes > decode.max_bytes={max_bytes}")
+                return handle.read(size), None
+            data = handle.read(max_bytes + 1)
+    except InputError:
+        raise
+    except Exception as exc:  # missing file, permission, network: all are read failures
+        raise InputError("read_error", f"{type(exc).__name__}: {exc}") from exc
+    if len(data) > max_bytes:
+        raise InputError("too_large", f"more than decode.max_bytes={max_bytes} bytes")
+    return data, None
+
+
+def _open(data: bytes, settings: DecodeSettings) -> Image.Image:
+    if not data:
+        raise InputError("empty_file", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError("decompression_bomb", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise InputError("not_an_image", "no image format recognised") from exc
+    except Exception as exc:
+        raise InputError("not_an_image", f"{type(exc).__name__}: {exc}") from exc
+    width, height = image.size
+    if width * height > settings.max_pixels:   # header only: checked before the full decode
+        raise InputError("decompression_bomb",
+                         f"{width}x{height} > decode.max_pixels={settings.max_pixels}")
+    return image
+
+
+def _load(image: Image.Image) -> Image.Image:
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        image.load()
+    except OSError as exc:
+        reason = "truncated" if "truncated" in str(exc).lower() or "broken" in str(exc).lower() else "corrupt"
+        raise InputError(reason, str(exc)) from exc
+    except Exception as exc:
+        raise InputError("corrupt", f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    return image
+
+
+def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
+    """16/32-bit integer and float images: scale to 8 bits instead of clipping."""
+    array = np.asarray(image)
+    if image.mode == "F":
+        top = float(np.nanmax(array)) if array.size else 1.0
+        scaled = np.clip(np.nan_to_num(array) / (top if top > 1.0 else 1.0), 0, 1) * 255.0
+    else:
+        scaled = array.astype(np.float64) / 257.0 if array.max(initial=0) > 255 else array
+    grey = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+    return grey.convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, dict[str, Any]]:
+    """Any Pillow mode → RGB. Alpha is composited over white (noted in the info)."""
+    info: dict[str, Any] = {"source_mode": image.mode}
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _high_bit_depth_to_rgb(image), info
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("LA", "La", "PA", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+        info["alpha_flattened"] = True
+    return image.convert("RGB"), info
+
+
+def _resize(image: Image.Image, max_side: int) -> Image.Image:
+    width, height = image.size
+    if max(width, height) <= max_side:
+        return image
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def decode(data: bytes, settings: DecodeSettings) -> Decoded:
+    """Validate and normalize one input. Raises InputError with a reason on any problem."""
+    image = _open(data, settings)
+    source_format = (image.format or "").upper()
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        image.seek(0)
+    image = _load(image)
+    info: dict[str, Any] = {}
+    transposed = ImageOps.exif_transpose(image)
+    if transposed is not None and transposed.size != image.size or _has_orientation(image):
+        info["exif_transposed"] = True
+    image = transposed if transposed is not None else image
+    rgb, mode_info = to_rgb(image)
+    info.update(mode_info)
+    info["original_width"], info["original_height"] = rgb.size
+    if frames > 1:
+        info["animated"] = True
+    short, long = min(rgb.size), max(rgb.size)
+    if short < settings.min_side:
+        raise InputError("too_small", f"{rgb.size[0]}x{rgb.size[1]}: shorter side < decode.min_side={settings.min_side}")
+    if long / short > settings.max_aspect:
+        raise InputError("bad_aspect", f"{rgb.size[0]}x{rgb.size[1]}: aspect > decode.max_aspect={settings.max_aspect}")
+    resized = _resize(rgb, settings.max_side)
+    unchanged = (resized is rgb and source_format == "JPEG" and image.mode == "RGB"
+                 and not info.get("exif_transposed") and frames == 1)
+    if unchanged:   # keep the original JPEG bytes: no second lossy encode
+        return Decoded(data, "jpg", rgb.size[0], rgb.size[1], info)
+    lossy = source_format in ("JPEG", "WEBP", "MPO")
+    buffer = io.BytesIO()
+    if lossy:
+        resized.save(buffer, format="JPEG", quality=settings.jpeg_quality, optimize=False)
+    else:
+        resized.save(buffer, format="PNG", optimize=False)
+    return Decoded(buffer.getvalue(), "jpg" if lossy else "png", resized.size[0], resized.size[1], info)
+
+
+def _has_orientation(image: Image.Image) -> bool:
+    try:
+        return image.getexif().get(0x0112, 1) not in (1, None)
+    except Exception:
+        return False

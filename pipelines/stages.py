@@ -1,0 +1,288 @@
+"""The pipeline's stages as Beam DoFns. Each emits items on the main output and Failures on
+the ``failed`` output; an unexpected exception fails the element, never the pipeline."""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+import traceback
+from collections import Counter
+from typing import Any, Iterable, Iterator
+
+import apache_beam as beam
+import numpy as np
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+from PIL import Image
+
+from annotators.base import AnnotatorFailure, CaptionInput, SegmentInput, SegmentOutput
+from annotators.registry import build_captioner, build_segmenter
+from pipelines import decode as dec
+from pipelines.assemble import build_record
+from pipelines.config import PipelineConfig
+from pipelines.regions import select_regions
+from pipelines.types import Failure, ImageItem, ImageRef, ShardOutcome
+
+FAILED = "failed"
+LOG = logging.getLogger(__name__)
+
+
+def _failure_out(failure: Failure) -> pvalue.TaggedOutput:
+    Metrics.counter("failures", f"{failure.stage}.{failure.reason}").inc()
+    return pvalue.TaggedOutput(FAILED, failure)
+
+
+def _internal(item: ImageItem, stage: str, exc: BaseException) -> pvalue.TaggedOutput:
+    LOG.warning("%s failed on %s: %s", stage, item.ref.key, exc)
+    detail = f"{type(exc).__name__}: {exc} | " + "".join(traceback.format_exc(limit=3))[-800:]
+    return _failure_out(item.fail(stage, "internal_error", detail))
+
+
+def _rgb(item: ImageItem) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(item.data)).convert("RGB"))
+
+
+class ReadImages(beam.DoFn):
+    """ImageRef → ImageItem with the input's bytes and sha256."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+
+    def process(self, ref: ImageRef) -> Iterator[Any]:
+        item = ImageItem(ref=ref)
+        start = time.perf_counter()
+        try:
+            item.data, item.ground_truth = dec.read_bytes(ref, self.config.decode.max_bytes)
+            item.sha256 = hashlib.sha256(item.data).hexdigest()
+        except dec.InputError as exc:
+            yield _failure_out(item.fail("read", exc.reason, exc.detail))
+            return
+        except Exception as exc:
+            yield _internal(item, "read", exc)
+            return
+        item.timings["read"] = time.perf_counter() - start
+        Metrics.counter("dataset", "read").inc()
+        yield item
+
+
+class DropDuplicates(beam.DoFn):
+    """Exact duplicates: the smallest key keeps the image; the others become failure rows."""
+
+    def process(self, item: ImageItem, losers: dict[str, str]) -> Iterator[Any]:
+        keeper = losers.get(item.ref.key)
+        if keeper is not None and keeper != item.ref.key:
+            failure = item.fail("dedup", "duplicate", f"same sha256 as '{keeper}'")
+            failure.detail += f" sha256={item.sha256}"
+            yield _failure_out(failure)
+            return
+        yield item
+
+
+def duplicate_losers(pairs: tuple[str, Iterable[str]]) -> Iterator[tuple[str, str]]:
+    """(sha256, keys) → (loser key, keeper key) for every key but the smallest."""
+    _, keys = pairs
+    keys = sorted(set(keys))
+    for key in keys[1:]:
+        yield key, keys[0]
+
+
+class DecodeImages(beam.DoFn):
+    """Decode hygiene (see pipelines.decode): the item's data becomes the stored image."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+
+    def process(self, item: ImageItem) -> Iterator[Any]:
+        start = time.perf_counter()
+        try:
+            decoded = dec.decode(item.data, self.config.decode)
+        except dec.InputError as exc:
+            yield _failure_out(item.fail("decode", exc.reason, exc.detail))
+            return
+        except Exception as exc:
+            yield _internal(item, "decode", exc)
+            return
+        item.data, item.format = decoded.data, decoded.format
+        item.width, item.height, item.image_info = decoded.width, decoded.height, decoded.info
+        item.timings["decode"] = time.perf_counter() - start
+        yield item
+
+
+class Segment(beam.DoFn):
+    """Batches of items → candidate masks/boxes from the configured segmenter (loaded once)."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.segmenter = None
+
+    def setup(self) -> None:
+        self.segmenter = build_segmenter(self.config.segmenter)
+        self.segmenter.setup()
+
+    def teardown(self) -> None:
+        if self.segmenter is not None:
+            self.segmenter.teardown()
+
+    def _input(self, item: ImageItem) -> SegmentInput:
+        given = dict(item.ref.given or {})
+        given["original_size"] = (item.image_info.get("original_height", item.height),
+                                  item.image_info.get("original_width", item.width))
+        if item.ground_truth and "masks" not in given:
+            given["masks"] = [obj["mask"] for obj in item.ground_truth]
+        return SegmentInput(item.ref.key, _rgb(item), given)
+
+    def process(self, batch: list[ImageItem]) -> Iterator[Any]:
+        start = time.perf_counter()
+        ok: list[ImageItem] = []
+        inputs: list[SegmentInput] = []
+        for item in batch:
+            try:
+                inputs.append(self._input(item))
+                ok.append(item)
+            except Exception as exc:
+                yield _internal(item, "segment", exc)
+        try:
+            outputs = self.segmenter.segment_batch(inputs) if inputs else []
+        except Exception as exc:
+            for item in ok:
+                yield _internal(item, "segment", exc)
+            return
+        share = (time.perf_counter() - start) / max(len(ok), 1)
+        for item, out in zip(ok, outputs):
+            if isinstance(out, AnnotatorFailure):
+                yield _failure_out(item.fail("segment", out.reason, out.detail))
+                continue
+            assert isinstance(out, SegmentOutput)
+            item.candidates, item.segment_dropped = out.candidates, dict(out.dropped)
+            item.timings["segment"] = share
+            Metrics.distribution("segment", "candidates").update(len(out.candidates))
+            yield item
+
+
+class SelectRegions(beam.DoFn):
+    """Candidates → region tree (see pipelines.regions); drops are counted, not lost."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+
+    def process(self, item: ImageItem) -> Iterator[Any]:
+        start = time.perf_counter()
+        try:
+            item.regions, dropped = select_regions(item.candidates, _rgb(item), self.config.regions)
+        except Exception as exc:
+            yield _internal(item, "select_regions", exc)
+            return
+        merged = Counter(item.segment_dropped)
+        merged.update(dropped)
+        item.segment_dropped = dict(merged)
+        for reason, count in merged.items():
+            Metrics.counter("regions_dropped", reason).inc(count)
+        item.candidates = []   # masks now live in the regions; free the rest
+        if not any(r.level == "pixel" for r in item.regions):
+            Metrics.counter("dataset", "images_without_masks").inc()
+        item.timings["select_regions"] = time.perf_counter() - start
+        yield item
+
+
+class RenderPrompts(beam.DoFn):
+    """Visual prompts the captioner asked for, rendered per target (image or region)."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.specs: dict[str, list[dict[str, Any]]] = {}
+
+    def setup(self) -> None:
+        self.specs = build_captioner(self.config.captioner).prompt_specs()
+
+    def process(self, item: ImageItem) -> Iterator[Any]:
+        if not self.specs:
+            yield item
+            return
+        from annotators import masks as rle
+        from annotators import visual_prompts as vp
+
+        start = time.perf_counter()
+        try:
+            rgb = _rgb(item)
+            whole = [0.0, 0.0, float(item.width), float(item.height)]
+            targets = [("image", None, whole)] + [(r.id, r, r.bbox) for r in item.regions]
+            for target, region, bbox in targets:
+                level = "image" if region is None else region.level
+                mask = rle.decode(region.rle) if region is not None and region.rle is not None else None
+                for spec in self.specs.get(level, []):
+                    params = {k: v for k, v in spec.items() if k not in ("name", "kind")}
+                    image = vp.render(spec["kind"], rgb, mask, bbox, **params)
+                    item.prompts.setdefault(target, {})[spec["name"]] = vp.to_png(image)
+        except Exception as exc:
+            yield _internal(item, "render_prompts", exc)
+            return
+        item.timings["render_prompts"] = time.perf_counter() - start
+        yield item
+
+
+class Caption(beam.DoFn):
+    """Batches of items → text and tags from the configured captioner (loaded once)."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.captioner = None
+
+    def setup(self) -> None:
+        self.captioner = build_captioner(self.config.captioner)
+        self.captioner.setup()
+
+    def teardown(self) -> None:
+        if self.captioner is not None:
+            self.captioner.teardown()
+
+    def process(self, batch: list[ImageItem]) -> Iterator[Any]:
+        start = time.perf_counter()
+        inputs = [CaptionInput(i.ref.key, i.width, i.height, i.data, i.regions, i.prompts, i.image_stats)
+                  for i in batch]
+        try:
+            results = self.captioner.caption_batch(inputs)
+        except Exception as exc:
+            for item in batch:
+                yield _internal(item, "caption", exc)
+            return
+        share = (time.perf_counter() - start) / max(len(batch), 1)
+        for item, result in zip(batch, results):
+            item.captions = result
+            item.prompts = {}
+            item.timings["caption"] = share
+            yield item
+
+
+class Assemble(beam.DoFn):
+    """Item → ShardOutcome with a validated record, or the item's failures."""
+
+    def __init__(self, config: PipelineConfig, pipeline_version: str) -> None:
+        self.config = config
+        self.pipeline_version = pipeline_version
+        self.segmenter_provenance: dict[str, Any] = {}
+
+    def setup(self) -> None:
+        self.segmenter_provenance = build_segmenter(self.config.segmenter).provenance()
+
+    def process(self, item: ImageItem) -> Iterator[ShardOutcome]:
+        start = time.perf_counter()
+        try:
+            record, failures = build_record(item, self.segmenter_provenance, self.pipeline_version,
+                                            self.config.settings_hash())
+        except Exception as exc:
+            record, failures = None, [item.fail("assemble", "internal_error", f"{type(exc).__name__}: {exc}")]
+        for failure in failures:
+            Metrics.counter("failures", f"{failure.stage}.{failure.reason}").inc()
+        if record is not None:
+            Metrics.counter("dataset", "written").inc()
+            for region in record["regions"]:
+                Metrics.counter("regions", region["level"]).inc()
+        item.timings["assemble"] = time.perf_counter() - start
+        yield ShardOutcome(item.ref.key, item.ref.shard, record, item.data if record else None,
+                           failures, item.timings, {item.ref.key: item.sha256}, item.segment_dropped)
+
+
+def failure_outcome(failure: Failure) -> ShardOutcome:
+    """A rejected input as the writer's input."""
+    return ShardOutcome(failure.key, failure.shard, None, None, [failure], {})

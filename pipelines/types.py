@@ -1,0 +1,79 @@
+"""Elements that flow between the pipeline's stages."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ImageRef:
+    """One input: where to read it, its key and the shard it is assigned to.
+
+    ``loader`` says how to get the bytes: {"kind": "file", "path"} | {"kind": "tar", "path",
+    "offset", "size"} | {"kind": "synthetic", "seed", "index"}.
+    """
+
+    key: str
+    uri: str
+    loader: dict[str, Any]
+    shard: str = ""
+    dataset: str | None = None
+    given: dict[str, Any] | None = None   # boxes / masks given with the input
+
+
+@dataclass
+class Failure:
+    """A rejected input (region_id None) or region, with the stage and reason."""
+
+    key: str
+    source: str
+    stage: str
+    reason: str
+    detail: str = ""
+    region_id: str | None = None
+    shard: str = ""
+
+    def row(self) -> dict[str, Any]:
+        """Row of failures/*.parquet."""
+        return {"key": self.key, "source": self.source, "stage": self.stage, "reason": self.reason,
+                "detail": self.detail[:2000], "region_id": self.region_id, "shard": self.shard}
+
+
+@dataclass
+class ImageItem:
+    """One image travelling through the stages. Fields fill in as stages run."""
+
+    ref: ImageRef
+    data: bytes = b""                     # input bytes as read, then the stored image bytes
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    format: str = ""                      # "jpg" | "png" once decoded
+    image_info: dict[str, Any] = field(default_factory=dict)
+    ground_truth: list[dict[str, Any]] | None = None
+    candidates: list[Any] = field(default_factory=list)      # annotators.base.Candidate
+    segment_dropped: dict[str, int] = field(default_factory=dict)
+    regions: list[Any] = field(default_factory=list)         # annotators.base.RegionView
+    image_stats: dict[str, Any] = field(default_factory=dict)
+    prompts: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    captions: Any = None                                     # annotators.base.CaptionResult
+    region_failures: list[Failure] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+
+    def fail(self, stage: str, reason: str, detail: str = "") -> Failure:
+        """A Failure for this whole input."""
+        return Failure(self.ref.key, self.ref.uri, stage, reason, detail, None, self.ref.shard)
+
+
+@dataclass
+class ShardOutcome:
+    """What the writer receives per input: a finished sample or the input's failures."""
+
+    key: str
+    shard: str
+    record: dict[str, Any] | None
+    image: bytes | None
+    failures: list[Failure]
+    timings: dict[str, float]
+    hashes: dict[str, str] = field(default_factory=dict)   # key -> sha256 of inputs read
+    dropped: dict[str, int] = field(default_factory=dict)  # candidate regions dropped, by reason

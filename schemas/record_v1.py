@@ -1,0 +1,129 @@
+"""Record schema version 1 and the index/failure table schemas: the single definition.
+
+Everything else (validation, parquet schemas, docs/SCHEMA.md) is generated from this module.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from schemas.spec import Column, F
+
+SCHEMA_VERSION = "1"
+KEY_PATTERN = r"^[A-Za-z0-9_-]{1,200}$"
+REGION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+_TAGS = F("array", "Short lowercase tags.", items=F("string", "A tag."))
+_PROVENANCE_OPEN = F("object", "Free-form provenance: annotator name, version, model, prompt, settings.",
+                     open=True)
+
+_RLE = F("object", "COCO run-length encoding of the mask over the stored image.", nullable=True,
+         fields={
+             "size": F("array", "[height, width] of the stored image.",
+                       items=F("integer", "Pixels."), extra={"minItems": 2, "maxItems": 2}),
+             "counts": F("string", "Compressed COCO RLE counts (pycocotools string form)."),
+         })
+
+REGION = F("object", "One region of the image: a box (level region) or a mask (level pixel).", fields={
+    "id": F("string", "Region id, unique within the record.", extra={"pattern": REGION_ID_PATTERN}),
+    "level": F("string", "Granularity: `region` = box, `pixel` = mask.",
+               extra={"enum": ["region", "pixel"]}),
+    "parent": F("string", "Id of the region this one lies in (whole → part → subpart), or null.",
+                nullable=True),
+    "bbox": F("array", "[x, y, w, h] in pixels of the stored image; for masks, the mask's tight box.",
+              items=F("number", "Pixels."), extra={"minItems": 4, "maxItems": 4}),
+    "area": F("number", "Pixels: the mask's pixel count, or w*h for a box.", extra={"minimum": 0}),
+    "mask": _RLE,
+    "scores": F("object", "Numeric scores, e.g. predicted_iou, stability, judge.", open=True),
+    "caption": F("string", "Short caption of the region."),
+    "long_caption": F("string", "Long description of the region."),
+    "tags": _TAGS,
+    "provenance": F("object", "Which annotators produced this region and its text.", fields={
+        "segmenter": _PROVENANCE_OPEN,
+        "captioner": _PROVENANCE_OPEN,
+    }),
+})
+
+RECORD = F("object", "One image with its text at every granularity.", fields={
+    "schema_version": F("string", "Record schema version.", extra={"const": SCHEMA_VERSION}),
+    "key": F("string", "Stable sample id; also the sample's key in the shard.",
+             extra={"pattern": KEY_PATTERN}),
+    "source": F("object", "Where the image came from.", open=True, fields={
+        "uri": F("string", "Path or URI of the input (file, tar member, synthetic scene, ...)."),
+        "sha256": F("string", "sha256 of the input bytes as read.", extra={"pattern": "^[0-9a-f]{64}$"}),
+        "dataset": F("string", "Name of the source dataset, if known.", required=False, nullable=True),
+        "ground_truth": F("array", "Known objects (synthetic scenes): shape, colour, bbox, mask.",
+                          required=False, items=F("object", "A known object.", open=True)),
+    }),
+    "image": F("object", "The stored image the masks and boxes refer to.", fields={
+        "width": F("integer", "Pixels.", extra={"minimum": 1}),
+        "height": F("integer", "Pixels.", extra={"minimum": 1}),
+        "format": F("string", "Extension of the image member in the shard.",
+                    extra={"enum": ["jpg", "png"]}),
+        "original_width": F("integer", "Width of the decoded input before resizing.", required=False),
+        "original_height": F("integer", "Height of the decoded input before resizing.", required=False),
+        "source_mode": F("string", "Pillow mode of the input (RGB, CMYK, I;16, P, ...).", required=False),
+        "exif_transposed": F("boolean", "EXIF orientation was applied.", required=False),
+        "alpha_flattened": F("boolean", "The input had transparency; it was composited over white.",
+                             required=False),
+        "animated": F("boolean", "The input had several frames; the first one is stored.",
+                      required=False),
+    }),
+    "image_level": F("object", "Text for the whole image.", fields={
+        "caption": F("string", "Short caption of the image."),
+        "long_caption": F("string", "Long description of the image."),
+        "tags": _TAGS,
+        "provenance": _PROVENANCE_OPEN,
+    }),
+    "regions": F("array", "Regions, parents before children.", items=REGION),
+    "provenance": F("object", "How the record was made (no timestamps).", fields={
+        "pipeline_version": F("string", "Version of the pipeline that wrote it."),
+        "settings_hash": F("string", "Hash of the resolved settings."),
+    }),
+})
+
+IMAGE_COLUMNS = [
+    Column("key", pa.string(), "Sample key."),
+    Column("shard", pa.string(), "Shard file name (under shards/)."),
+    Column("source_uri", pa.string(), "Input path or URI."),
+    Column("source_sha256", pa.string(), "sha256 of the input bytes."),
+    Column("dataset", pa.string(), "Source dataset name.", nullable=True),
+    Column("width", pa.int32(), "Stored image width."),
+    Column("height", pa.int32(), "Stored image height."),
+    Column("format", pa.string(), "jpg or png."),
+    Column("n_regions", pa.int32(), "Regions of level region (boxes)."),
+    Column("n_pixel", pa.int32(), "Regions of level pixel (masks)."),
+    Column("caption", pa.string(), "Image caption."),
+    Column("caption_chars", pa.int32(), "Length of the image caption."),
+    Column("long_caption_chars", pa.int32(), "Length of the image long caption."),
+    Column("tags", pa.list_(pa.string()), "Image tags."),
+]
+
+REGION_COLUMNS = [
+    Column("key", pa.string(), "Sample key."),
+    Column("shard", pa.string(), "Shard file name."),
+    Column("region_id", pa.string(), "Region id within the record."),
+    Column("level", pa.string(), "region or pixel."),
+    Column("parent", pa.string(), "Parent region id.", nullable=True),
+    Column("x", pa.float32(), "Box left."),
+    Column("y", pa.float32(), "Box top."),
+    Column("w", pa.float32(), "Box width."),
+    Column("h", pa.float32(), "Box height."),
+    Column("area", pa.float64(), "Pixels."),
+    Column("has_mask", pa.bool_(), "Whether the region has a mask."),
+    Column("caption", pa.string(), "Region caption."),
+    Column("caption_chars", pa.int32(), "Length of the caption."),
+    Column("long_caption_chars", pa.int32(), "Length of the long caption."),
+    Column("tags", pa.list_(pa.string()), "Region tags."),
+    Column("scores_json", pa.string(), "The region's scores as JSON."),
+]
+
+FAILURE_COLUMNS = [
+    Column("key", pa.string(), "Sample key of the input."),
+    Column("source", pa.string(), "Input path or URI."),
+    Column("stage", pa.string(), "Pipeline stage that rejected it (read, decode, dedup, segment, ...)."),
+    Column("reason", pa.string(), "Machine-readable reason (truncated, duplicate, http_500, ...)."),
+    Column("detail", pa.string(), "Human-readable detail."),
+    Column("region_id", pa.string(), "Region id for a rejected region; null for a whole input.",
+           nullable=True),
+    Column("shard", pa.string(), "Shard the input was assigned to."),
+]

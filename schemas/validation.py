@@ -1,0 +1,95 @@
+"""Record validation: JSON Schema (with field paths) plus the rules a schema cannot state."""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jsonschema
+
+from schemas.record_v1 import RECORD
+from schemas.spec import json_schema
+
+
+class RecordError(ValueError):
+    """A record breaks the schema; ``errors`` lists "<field path>: <problem>" strings."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors[:5]) + (f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""))
+        self.errors = errors
+
+
+@functools.lru_cache(maxsize=1)
+def _validator() -> jsonschema.Draft202012Validator:
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **json_schema(RECORD)}
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _path(parts: Any) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<record>"
+
+
+def record_errors(record: Any, check_masks: bool = True) -> list[str]:
+    """All problems with ``record`` as "<field path>: <message>"; empty when valid.
+
+    Beyond JSON Schema: region ids unique, parents exist and come first, a mask's size equals the
+    image size and (``check_masks``) its decoded tight box and pixel count equal ``bbox``/``area``.
+    """
+    errors = [f"{_path(e.absolute_path)}: {e.message}"
+              for e in sorted(_validator().iter_errors(record), key=lambda e: list(map(str, e.absolute_path)))]
+    if errors:
+        return errors
+    return _semantic_errors(record, check_masks)
+
+
+def check_record(record: Any, check_masks: bool = True) -> None:
+    """Raise RecordError unless ``record`` is a valid record of the current schema version."""
+    errors = record_errors(record, check_masks)
+    if errors:
+        raise RecordError(errors)
+
+
+def _semantic_errors(record: dict, check_masks: bool) -> list[str]:
+    errors: list[str] = []
+    width, height = record["image"]["width"], record["image"]["height"]
+    seen: dict[str, str] = {}
+    for i, region in enumerate(record["regions"]):
+        where = f"regions[{i}]"
+        rid = region["id"]
+        if rid in seen:
+            errors.append(f"{where}.id: duplicate id '{rid}'")
+        parent = region["parent"]
+        if parent is not None and parent not in seen:
+            errors.append(f"{where}.parent: '{parent}' is not an earlier region id")
+        seen[rid] = region["level"]
+        x, y, w, h = region["bbox"]
+        if x < 0 or y < 0 or w < 0 or h < 0 or x + w > width + 1e-6 or y + h > height + 1e-6:
+            errors.append(f"{where}.bbox: {region['bbox']} is outside the {width}x{height} image")
+        errors.extend(_mask_errors(region, where, width, height, check_masks))
+    return errors
+
+
+def _mask_errors(region: dict, where: str, width: int, height: int, check_masks: bool) -> list[str]:
+    mask = region["mask"]
+    if region["level"] == "pixel" and mask is None:
+        return [f"{where}.mask: a pixel-level region needs a mask"]
+    if mask is None:
+        return []
+    if list(mask["size"]) != [height, width]:
+        return [f"{where}.mask.size: {mask['size']} differs from the image [{height}, {width}]"]
+    if not check_masks:
+        return []
+    from annotators import masks as mask_utils  # pycocotools; imported only when masks are checked
+
+    try:
+        box, area = mask_utils.bbox(mask), mask_utils.area(mask)
+    except Exception as exc:  # malformed counts string
+        return [f"{where}.mask.counts: does not decode ({exc})"]
+    errors = []
+    if any(abs(a - b) > 0.5 for a, b in zip(box, region["bbox"])):
+        errors.append(f"{where}.bbox: {region['bbox']} differs from the mask's box {box}")
+    if abs(area - region["area"]) > 0.5:
+        errors.append(f"{where}.area: {region['area']} differs from the mask's {area} pixels")
+    return errors

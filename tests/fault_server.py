@@ -1,0 +1,421 @@
+"""A local OpenAI-compatible chat server that injects faults, for testing the vLLM client.
+
+It speaks enough of vLLM's OpenAI API (``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /health``) for ``openai.AsyncOpenAI`` to talk to it, and misbehaves on purpose:
+
+* at random: a ``fault_rate`` share of requests get a fault drawn from a weighted, seeded mix
+  (HTTP 500/503/429/400, a hang past the client timeout, a slow answer, a malformed body, a
+  dropped connection, a refusal, an empty / looping / truncated answer, malformed JSON);
+* deterministically: a request whose text contains ``[[fault:NAME]]`` always gets fault NAME, and
+  one containing ``[[fault:NAME:K]]`` gets it for the first K times that same request arrives,
+  then a healthy answer (to test that retries recover).
+
+Healthy answers to structured-output requests (``response_format`` of type ``json_schema``) are
+JSON instances of the requested schema; other healthy answers are short varied captions.
+
+Start it in a background thread with ``with serve_faults(FaultConfig(...)) as server:`` (tests),
+or in another process with ``start_in_process`` (benchmarks, so its CPU is not the client's).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import re
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+FAULTS: tuple[str, ...] = (
+    "http_500", "http_503", "http_429", "http_400", "hang", "slow", "bad_body", "drop",
+    "refusal", "empty", "repetition", "truncated", "bad_json",
+)
+DEFAULT_MIX: dict[str, float] = {
+    "http_500": 1, "http_503": 1, "hang": 1, "slow": 1, "bad_body": 1, "refusal": 1,
+    "drop": 1, "http_400": 1,
+}
+MARKER = re.compile(rb"\[\[fault:([a-z0-9_]+)(?::(\d+))?\]\]")
+REFUSAL_TEXT = "I'm sorry, but I can't help with describing this image."
+_WORDS = ("red", "wooden", "small", "striped", "metal", "round", "dusty", "green", "bright",
+          "old", "folded", "shiny", "blue", "tall", "soft", "broken")
+_NOUNS = ("chair", "bicycle", "lamp", "umbrella", "window", "dog", "bottle", "sign", "tree",
+          "basket", "door", "car", "cup", "bench", "kite", "boat")
+
+
+@dataclass
+class FaultConfig:
+    """How the server behaves: base latency, random fault rate and mix, fault timings."""
+
+    latency_s: float = 0.0          # added before every answer
+    fault_rate: float = 0.0         # share of requests (without a marker) that get a fault
+    mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
+    seed: int = 0
+    hang_s: float = 30.0            # a hang lasts this long (or until the client gives up)
+    slow_s: float = 0.2             # extra delay of a "slow" answer
+    record: bool = True             # keep headers and bodies of every request
+    model: str = "fake-vlm"
+
+    def check(self) -> None:
+        """Reject unknown fault names early, with the known ones in the message."""
+        unknown = sorted(set(self.mix) - set(FAULTS))
+        if unknown:
+            raise ValueError(f"mix: unknown fault(s) {unknown}; use names from {FAULTS}")
+
+
+@dataclass
+class Recorded:
+    """One request as the server saw it."""
+
+    headers: dict[str, str]
+    body: dict[str, Any]
+    fault: str | None
+
+
+class FaultApp:
+    """The request handlers and their bookkeeping (counts, recorded requests)."""
+
+    def __init__(self, config: FaultConfig) -> None:
+        config.check()
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.n_requests = 0
+        self.counts: Counter[str] = Counter()      # fault name (or "ok") -> times applied
+        self.seen: Counter[bytes] = Counter()      # marker key -> arrivals
+        self.requests: list[Recorded] = []
+        names = list(config.mix)
+        self._names = names
+        self._weights = [config.mix[n] for n in names]
+
+    def build(self) -> web.Application:
+        """The aiohttp application with the three routes."""
+        app = web.Application(client_max_size=256 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/stats", self.stats)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        """Liveness probe, like vLLM's."""
+        return web.Response(status=200)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        """Request and fault counts, and the server's CPU seconds (for a caller elsewhere)."""
+        return web.json_response({"n_requests": self.n_requests, "counts": dict(self.counts),
+                                  "cpu_s": time.process_time()})
+
+    async def models(self, request: web.Request) -> web.Response:
+        """The one served model."""
+        data = {"object": "list", "data": [
+            {"id": self.config.model, "object": "model", "created": 0, "owned_by": "fault-server"}]}
+        return web.json_response(data)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        """Answer one chat completion, possibly with a fault."""
+        raw = await request.read()
+        self.n_requests += 1
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return _error(400, "request body is not JSON")
+        fault = self._choose_fault(raw, body)
+        self.counts[fault or "ok"] += 1
+        if self.config.record:
+            self.requests.append(Recorded(dict(request.headers), body, fault))
+        if self.config.latency_s > 0:
+            await asyncio.sleep(self.config.latency_s)
+        return await self._answer(request, body, fault)
+
+    def _choose_fault(self, raw: bytes, body: dict[str, Any]) -> str | None:
+        match = MARKER.search(raw)
+        if match:
+            name = match.group(1).decode()
+            if match.group(2) is None:
+                return name
+            key = hashlib.sha1(json.dumps(body.get("messages"), sort_keys=True).encode()).digest()
+            self.seen[key] += 1
+            return name if self.seen[key] <= int(match.group(2)) else None
+        if self.config.fault_rate > 0 and self.rng.random() < self.config.fault_rate:
+            return self.rng.choices(self._names, self._weights)[0]
+        return None
+
+    async def _answer(self, request: web.Request, body: dict[str, Any],
+                      fault: str | None) -> web.StreamResponse:
+        if fault in ("http_500", "http_503", "http_429"):
+            return _error(int(fault[5:]), "injected server fault")
+        if fault == "http_400":
+            return _error(400, "This model's maximum context length is 4096 tokens. However, "
+                               "you requested 9000 tokens in the messages. Please reduce the "
+                               "length of the messages.")
+        if fault == "hang":
+            await asyncio.sleep(self.config.hang_s)
+        if fault == "slow":
+            await asyncio.sleep(self.config.slow_s)
+        if fault == "drop":
+            return _drop(request)
+        if fault == "bad_body":
+            return web.Response(status=200, body=b'{"id": "chatcmpl-x", "choices": [{"mess',
+                                content_type="application/json")
+        text, finish = self._content(body, fault)
+        return web.json_response(self._completion(body, text, finish))
+
+    def _content(self, body: dict[str, Any], fault: str | None) -> tuple[str, str]:
+        schema = _requested_schema(body)
+        if fault == "refusal":
+            return REFUSAL_TEXT, "stop"
+        if fault == "empty":
+            return "", "stop"
+        if fault == "repetition":
+            return "the cat sat on the mat " * 40, "stop"
+        if fault == "bad_json":
+            return '{"tags": ["red", "chair"', "stop"
+        text = json.dumps(instance_of(schema, self.n_requests)) if schema else self._caption()
+        return text, "length" if fault == "truncated" else "stop"
+
+    def _caption(self) -> str:
+        n = self.n_requests
+        adj = [_WORDS[(n * k) % len(_WORDS)] for k in (1, 3, 5)]
+        noun = [_NOUNS[(n * k + 1) % len(_NOUNS)] for k in (1, 7)]
+        return (f"A {adj[0]} {noun[0]} stands next to a {adj[1]} {noun[1]}, "
+                f"lit from the left; request {n}, the background is {adj[2]}.")
+
+    def _completion(self, body: dict[str, Any], text: str, finish: str) -> dict[str, Any]:
+        prompt_tokens = len(json.dumps(body.get("messages", ""))) // 4
+        completion_tokens = max(1, len(text) // 4)
+        return {
+            "id": f"chatcmpl-{self.n_requests}", "object": "chat.completion",
+            "created": int(time.time()), "model": body.get("model", self.config.model),
+            "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
+                         "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+
+
+def _error(status: int, message: str) -> web.Response:
+    """An error body shaped like vLLM's."""
+    kind = {400: "BadRequestError", 429: "RateLimitError"}.get(status, "InternalServerError")
+    data = {"object": "error", "message": message, "type": kind, "param": None, "code": status}
+    return web.json_response(data, status=status)
+
+
+def _drop(request: web.Request) -> web.StreamResponse:
+    """Close the connection without sending anything back."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+    raise asyncio.CancelledError()
+
+
+def _requested_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") != "json_schema":
+        return None
+    return (fmt.get("json_schema") or {}).get("schema") or {}
+
+
+def instance_of(schema: dict[str, Any], n: int = 0) -> Any:
+    """A small JSON value valid for the common subset of JSON Schema (objects, arrays, enums)."""
+    if "enum" in schema:
+        return schema["enum"][n % len(schema["enum"])]
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {k: instance_of(v, n + i) for i, (k, v) in enumerate(props.items())}
+    if kind == "array":
+        count = max(int(schema.get("minItems", 0)), min(2, int(schema.get("maxItems", 2))))
+        return [instance_of(schema.get("items", {"type": "string"}), n + i) for i in range(count)]
+    if kind == "string":
+        word = f"{_WORDS[n % len(_WORDS)]} {_NOUNS[(n // 3) % len(_NOUNS)]}"
+        return word[: int(schema.get("maxLength", len(word)))].ljust(int(schema.get("minLength", 0)), "x")
+    if kind in ("number", "integer"):
+        return max(int(schema.get("minimum", 0)), min(n % 10, int(schema.get("maximum", 10))))
+    if kind == "boolean":
+        return n % 2 == 0
+    return None
+
+
+# --------------------------------------------------------------------------- running it
+
+
+class FaultServer:
+    """A FaultApp served on 127.0.0.1 from its own event loop in a daemon thread."""
+
+    def __init__(self, config: FaultConfig | None = None) -> None:
+        self.app = FaultApp(config or FaultConfig())
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-server",
+                                        daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL of this server, e.g. http://127.0.0.1:PORT/v1."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def requests(self) -> list[Recorded]:
+        """Every request received so far (when ``record`` is on)."""
+        return self.app.requests
+
+    @property
+    def counts(self) -> Counter[str]:
+        """Fault name (or "ok") -> number of requests it was applied to."""
+        return self.app.counts
+
+    def start(self) -> "FaultServer":
+        """Bind a free port and serve until ``stop``."""
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    async def _start(self) -> int:
+        self._runner, port = await _serve(self.app)
+        return port
+
+    def stop(self) -> None:
+        """Stop serving, cancel pending handlers (hangs) and end the thread."""
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+async def _serve(app: FaultApp) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app.build(), access_log=None, handler_cancellation=True,
+                           shutdown_timeout=0.5)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    site = web.SockSite(runner, sock, backlog=2048)
+    await site.start()
+    return runner, sock.getsockname()[1]
+
+
+@contextmanager
+def serve_faults(config: FaultConfig | None = None) -> Iterator[FaultServer]:
+    """Run a FaultServer in a background thread for the duration of the block."""
+    server = FaultServer(config).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def dead_url() -> str:
+    """A base URL on a local port nobody listens on (connections are refused)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}/v1"
+
+
+class ProcessFaultServer:
+    """A FaultServer in a child Python process (so its CPU time is not counted as the caller's).
+
+    The child prints its port on stdout and stops when its stdin closes, so it also ends when
+    the parent dies.
+    """
+
+    def __init__(self, config: FaultConfig) -> None:
+        self.config = config
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL of this server."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, timeout_s: float = 30.0) -> "ProcessFaultServer":
+        """Start the process and wait until it listens."""
+        args = [sys.executable, str(Path(__file__).resolve()), "--config",
+                json.dumps(dataclasses.asdict(self.config))]
+        self._process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self._process.stdout is not None
+        ready, _, _ = select.select([self._process.stdout], [], [], timeout_s)
+        line = self._process.stdout.readline() if ready else b""
+        if not line.strip().isdigit():
+            self.stop()
+            raise RuntimeError("fault server process did not start in time")
+        self.port = int(line)
+        return self
+
+    def stats(self) -> dict[str, Any]:
+        """Request count and fault counts seen by the server so far (GET /stats)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def stop(self) -> None:
+        """Close the child's stdin (its signal to stop) and wait for it."""
+        if self._process is None:
+            return
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        try:
+            self._process.wait(10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(5)
+        if self._process.stdout is not None:
+            self._process.stdout.close()
+        self._process = None
+
+
+@contextmanager
+def start_in_process(config: FaultConfig) -> Iterator[ProcessFaultServer]:
+    """Run a FaultServer in a child process for the duration of the block."""
+    server = ProcessFaultServer(config).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _serve_until_stdin_closes(config: FaultConfig) -> None:
+    """Child-process body: serve, write the port to stdout, stop when stdin reaches EOF."""
+    async def main() -> None:
+        runner, port = await _serve(FaultApp(config))
+        sys.stdout.write(f"{port}\n")
+        sys.stdout.flush()
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: serve with a FaultConfig given as JSON (see ProcessFaultServer)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="{}", help="FaultConfig fields as a JSON object")
+    args = parser.parse_args(argv)
+    _serve_until_stdin_closes(FaultConfig(**json.loads(args.config)))
+
+
+if __name__ == "__main__":
+    main()

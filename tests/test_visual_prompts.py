@@ -1,0 +1,399 @@
+"""Property tests of the visual prompts on small random images, masks and boxes.
+
+Seeded random loops: every case is reproducible from its seed, and the whole file runs in well
+under a few seconds.
+"""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from annotators.base import ConfigError
+from annotators.visual_prompts import (
+    GREY,
+    RED,
+    VISUAL_PROMPTS,
+    auto_line_width,
+    box_bounds,
+    contour_mask,
+    crop_box,
+    crop_with_offset,
+    fit_pixels,
+    region_mask,
+    render,
+    render_with_offset,
+    spec_provenance,
+    to_png,
+)
+
+SEEDS = range(40)
+MASK_KINDS = ["contour", "crop_masked", "highlight", "alpha"]
+FULL3 = np.ones((3, 3), dtype=bool)
+
+
+# --------------------------------------------------------------------------- case generation
+
+
+def random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Noise image with values 1..254, so dimming always shows and no pixel is pure red."""
+    return rng.integers(1, 255, size=(height, width, 3), dtype=np.uint8)
+
+
+def random_mask(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Union of a few random ellipses and rectangles (possibly touching the image border)."""
+    yy, xx = np.mgrid[:height, :width]
+    mask = np.zeros((height, width), dtype=bool)
+    for _ in range(rng.integers(1, 4)):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        ry, rx = rng.uniform(1.5, height / 2 + 1), rng.uniform(1.5, width / 2 + 1)
+        if rng.random() < 0.5:
+            mask |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        else:
+            mask |= (abs(yy - cy) <= ry) & (abs(xx - cx) <= rx)
+    if not mask.any():
+        mask[height // 2, width // 2] = True
+    return mask
+
+
+def tight_bbox(mask: np.ndarray) -> list[float]:
+    """[x, y, w, h] of the mask with integer pixel edges (pycocotools convention)."""
+    ys, xs = np.nonzero(mask)
+    return [float(xs.min()), float(ys.min()),
+            float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+
+
+def random_bbox(rng: np.random.Generator, height: int, width: int) -> list[float]:
+    """Fractional box that overlaps the image, sometimes sticking out of it."""
+    x = rng.uniform(-width / 3, width - 1)
+    y = rng.uniform(-height / 3, height - 1)
+    w = rng.uniform(0.0, width)
+    h = rng.uniform(0.0, height)
+    return [x, y, max(w, 1.0 - x) if x < 0 else w, max(h, 1.0 - y) if y < 0 else h]
+
+
+def case(seed: int) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """A random image (6..40 px per side), a region mask on it and the mask's bbox."""
+    rng = np.random.default_rng(seed)
+    height, width = (int(v) for v in rng.integers(6, 41, size=2))
+    mask = random_mask(rng, height, width)
+    return random_image(rng, height, width), mask, tight_bbox(mask)
+
+
+def pixels(img: Image.Image) -> np.ndarray:
+    """The image's pixels as an array, for exact comparisons."""
+    return np.asarray(img)
+
+
+# --------------------------------------------------------------------------- highlight
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_highlight_keeps_inside_and_dims_outside(seed: int) -> None:
+    image, mask, bbox = case(seed)
+    dim = float(np.random.default_rng(seed).uniform(0.1, 1.0))
+    out = render("highlight", image, mask, bbox, dim=dim)
+    assert out.mode == "RGB" and out.size == (image.shape[1], image.shape[0])
+    arr = pixels(out)
+    assert np.array_equal(arr[mask], image[mask])
+    assert np.all(arr[~mask] < image[~mask])
+    assert np.all(arr[~mask] <= np.floor(image[~mask] * (1 - dim)))
+
+
+def test_highlight_blur_only_changes_outside() -> None:
+    for seed in range(10):
+        image, mask, bbox = case(seed)
+        arr = pixels(render("highlight", image, mask, bbox, dim=0.0, blur=1.5))
+        assert np.array_equal(arr[mask], image[mask])
+        if (~mask).sum() >= 10:
+            assert np.mean(np.any(arr[~mask] != image[~mask], axis=-1)) > 0.5
+
+
+# --------------------------------------------------------------------------- contour
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_contour_mask_is_inner_band_covering_the_boundary(seed: int) -> None:
+    _, mask, _ = case(seed)
+    width = seed % 4 + 1
+    drawn = contour_mask(mask, width)
+    boundary = mask & ~ndimage.binary_erosion(mask, border_value=0)
+    within = mask & ~ndimage.binary_erosion(mask, FULL3, iterations=width, border_value=0)
+    assert not np.any(drawn & ~mask), "contour pixel outside the mask"
+    assert np.all(drawn[boundary]), "boundary pixel not drawn"
+    assert not np.any(drawn & ~within), "contour pixel farther than width from the boundary"
+
+
+def test_contour_width_one_is_the_morphological_boundary() -> None:
+    for seed in SEEDS:
+        _, mask, _ = case(seed)
+        boundary = mask & ~ndimage.binary_erosion(mask, border_value=0)
+        assert np.array_equal(contour_mask(mask, 1), boundary)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:15])
+def test_contour_paints_exactly_the_contour(seed: int) -> None:
+    image, mask, bbox = case(seed)
+    color = (0, 255, 0)
+    arr = pixels(render("contour", image, mask, bbox, color=color, width=2))
+    drawn = contour_mask(mask, 2)
+    assert np.all(arr[drawn] == color)
+    assert np.array_equal(arr[~drawn], image[~drawn])
+
+
+# --------------------------------------------------------------------------- box
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_box_outline_lies_on_the_box_edges(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    height, width = (int(v) for v in rng.integers(6, 41, size=2))
+    image = random_image(rng, height, width)
+    bbox = random_bbox(rng, height, width)
+    line = int(rng.integers(1, 4))
+    arr = pixels(render("box", image, None, bbox, width=line))
+    x0, y0, x1, y1 = box_bounds(bbox, height, width)
+    yy, xx = np.mgrid[:height, :width]
+    inside = (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
+    edge_dist = np.minimum.reduce([xx - x0, x1 - 1 - xx, yy - y0, y1 - 1 - yy])
+    band = inside & (edge_dist < line)
+    assert np.all(arr[band] == RED)
+    assert np.array_equal(arr[~band], image[~band])
+    # the box's outermost rows and columns are all drawn
+    assert np.all(arr[y0, x0:x1] == RED) and np.all(arr[y1 - 1, x0:x1] == RED)
+    assert np.all(arr[y0:y1, x0] == RED) and np.all(arr[y0:y1, x1 - 1] == RED)
+
+
+def test_box_ignores_mask_and_default_width_scales() -> None:
+    image, mask, bbox = case(3)
+    assert np.array_equal(pixels(render("box", image, mask, bbox)),
+                          pixels(render("box", image, None, bbox)))
+    assert auto_line_width(16, 16) >= 1
+    sizes = [64, 256, 1024, 4096]
+    widths = [auto_line_width(s, s) for s in sizes]
+    assert widths == sorted(widths) and widths[-1] > widths[0]
+    big = np.zeros((40, 1200, 3), dtype=np.uint8)
+    arr = pixels(render("box", big, None, [100.0, 5.0, 400.0, 30.0]))
+    assert int(np.sum(arr[20, 100:500, 0] == 255)) == 2 * auto_line_width(40, 1200)
+
+
+def test_box_pixel_convention() -> None:
+    assert box_bounds([2.0, 3.0, 4.0, 5.0], 20, 20) == (2, 3, 6, 8)
+    assert box_bounds([2.5, 3.5, 1.0, 1.0], 20, 20) == (2, 3, 4, 5)
+    assert box_bounds([2.2, 3.2, 0.0, 0.0], 20, 20) == (2, 3, 3, 4)
+    assert box_bounds([-5.0, -5.0, 100.0, 100.0], 20, 10) == (0, 0, 10, 20)
+
+
+# --------------------------------------------------------------------------- crops
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_crop_contains_bbox_and_respects_borders(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    height, width = (int(v) for v in rng.integers(6, 41, size=2))
+    image = random_image(rng, height, width)
+    bbox = random_bbox(rng, height, width)
+    margin, min_margin = float(rng.uniform(0, 0.5)), int(rng.integers(0, 8))
+    img, (ox, oy) = crop_with_offset(image, bbox, margin=margin, min_margin=min_margin)
+    cw, ch = img.size
+    assert 0 <= ox and 0 <= oy and ox + cw <= width and oy + ch <= height
+    bx0, by0, bx1, by1 = box_bounds(bbox, height, width)
+    # box corners mapped into the crop with the offset land inside it
+    assert 0 <= bx0 - ox and bx1 - ox <= cw and 0 <= by0 - oy and by1 - oy <= ch
+    # margins: at least min_margin of context on each side unless the image ends first
+    assert ox <= max(0, bx0 - min_margin) and oy <= max(0, by0 - min_margin)
+    assert ox + cw >= min(width, bx1 + min_margin) and oy + ch >= min(height, by1 + min_margin)
+    assert np.array_equal(pixels(img), image[oy:oy + ch, ox:ox + cw])
+    same, offset = render_with_offset("crop", image, None, bbox,
+                                      margin=margin, min_margin=min_margin)
+    assert offset == (ox, oy) and np.array_equal(pixels(same), pixels(img))
+
+
+@pytest.mark.parametrize("seed", SEEDS[:20])
+def test_crop_masked_fills_outside_the_mask(seed: int) -> None:
+    image, mask, bbox = case(seed)
+    fill = (0, 0, 255) if seed % 2 else GREY
+    params = {"fill": list(fill)} if seed % 2 else {}
+    img, (ox, oy) = render_with_offset("crop_masked", image, mask, bbox, min_margin=3, **params)
+    arr = pixels(img)
+    ch, cw = arr.shape[:2]
+    x0, y0, x1, y1 = crop_box(bbox, *mask.shape, 0.25, 3)
+    assert (ox, oy, ox + cw, oy + ch) == (x0, y0, x1, y1)
+    sub_mask, sub_image = mask[oy:oy + ch, ox:ox + cw], image[oy:oy + ch, ox:ox + cw]
+    assert np.all(arr[~sub_mask] == fill)
+    assert np.array_equal(arr[sub_mask], sub_image[sub_mask])
+    assert sub_mask.sum() == mask.sum(), "crop lost part of the mask"
+
+
+@pytest.mark.parametrize("seed", SEEDS[:20])
+def test_alpha_channel_is_the_mask(seed: int) -> None:
+    image, mask, bbox = case(seed)
+    whole = render("alpha", image, mask, bbox, crop=False)
+    assert whole.mode == "RGBA" and whole.size == (image.shape[1], image.shape[0])
+    arr = pixels(whole)
+    assert np.array_equal(arr[..., 3], np.where(mask, 255, 0))
+    assert np.array_equal(arr[..., :3], image)
+    img, (ox, oy) = render_with_offset("alpha", image, mask, bbox)
+    sub = pixels(img)
+    ch, cw = sub.shape[:2]
+    assert np.array_equal(sub[..., 3], np.where(mask[oy:oy + ch, ox:ox + cw], 255, 0))
+    assert np.array_equal(sub[..., :3], image[oy:oy + ch, ox:ox + cw])
+
+
+# --------------------------------------------------------------------------- fallback, purity
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_box_only_regions_use_the_box_rectangle(kind: str) -> None:
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        height, width = (int(v) for v in rng.integers(6, 41, size=2))
+        image = random_image(rng, height, width)
+        bbox = random_bbox(rng, height, width)
+        rect = region_mask(None, bbox, height, width)
+        x0, y0, x1, y1 = box_bounds(bbox, height, width)
+        assert rect.sum() == (x1 - x0) * (y1 - y0) and rect[y0:y1, x0:x1].all()
+        assert np.array_equal(pixels(render(kind, image, None, bbox)),
+                              pixels(render(kind, image, rect, bbox)))
+
+
+@pytest.mark.parametrize("kind", sorted(VISUAL_PROMPTS))
+def test_every_kind_is_pure_and_returns_a_pil_image(kind: str) -> None:
+    image, mask, bbox = case(7)
+    image_before, mask_before = image.copy(), mask.copy()
+    first = render(kind, image, mask, bbox)
+    second = render(kind, image, mask, bbox)
+    assert isinstance(first, Image.Image)
+    assert first.mode == ("RGBA" if kind == "alpha" else "RGB")
+    assert np.array_equal(image, image_before) and np.array_equal(mask, mask_before)
+    assert to_png(first) == to_png(second)
+
+
+def test_region_and_bbox_input_errors() -> None:
+    image, mask, bbox = case(1)
+    with pytest.raises(ValueError, match="mask shape"):
+        render("contour", image, mask[:-1], bbox)
+    with pytest.raises(ValueError, match="outside"):
+        render("crop", image, None, [1000.0, 1000.0, 5.0, 5.0])
+    for bad in ([1.0, 2.0, 3.0], [0.0, 0.0, -1.0, 2.0], [0.0, float("nan"), 1.0, 1.0]):
+        with pytest.raises(ValueError, match="bbox"):
+            render("box", image, None, bad)
+    with pytest.raises(ValueError, match="uint8"):
+        render("box", image.astype(np.float32), None, bbox)
+
+
+# --------------------------------------------------------------------------- registry, params
+
+
+def test_unknown_kind_names_it_and_lists_the_valid_ones() -> None:
+    image, mask, bbox = case(0)
+    with pytest.raises(ConfigError) as err:
+        render("outline", image, mask, bbox)
+    assert "'outline'" in str(err.value)
+    assert all(kind in str(err.value) for kind in VISUAL_PROMPTS)
+
+
+def test_unknown_param_names_it_and_lists_the_valid_ones() -> None:
+    image, mask, bbox = case(0)
+    with pytest.raises(ConfigError) as err:
+        render("highlight", image, mask, bbox, dimm=0.3)
+    message = str(err.value)
+    assert "visual_prompt.highlight.dimm" in message and "'dim'" in message
+    assert "dim" in message and "blur" in message
+    with pytest.raises(ConfigError, match="valid: color, width"):
+        render("box", image, mask, bbox, fill=[0, 0, 0])
+
+
+@pytest.mark.parametrize("kind, params", [
+    ("highlight", {"dim": 1.5}),
+    ("highlight", {"dim": 0.0, "blur": 0.0}),
+    ("highlight", {"blur": -1.0}),
+    ("box", {"width": 0}),
+    ("box", {"width": 2.5}),
+    ("box", {"color": "not-a-colour"}),
+    ("contour", {"color": [255, 0]}),
+    ("crop", {"margin": float("inf")}),
+    ("crop", {"min_margin": -1}),
+    ("crop_masked", {"fill": [0, 0, 300]}),
+    ("alpha", {"crop": "yes"}),
+])
+def test_bad_param_values_raise_config_error(kind: str, params: dict) -> None:
+    image, mask, bbox = case(0)
+    name = next(iter(params))
+    with pytest.raises(ConfigError, match=f"visual_prompt.{kind}"):
+        render(kind, image, mask, bbox, **params)
+    with pytest.raises(ConfigError, match=kind if len(params) > 1 else name):
+        spec_provenance(kind, params)
+
+
+def test_colour_names_are_accepted() -> None:
+    image, mask, bbox = case(2)
+    assert np.array_equal(pixels(render("contour", image, mask, bbox, color="red")),
+                          pixels(render("contour", image, mask, bbox, color=[255, 0, 0])))
+
+
+def test_spec_provenance_fills_defaults() -> None:
+    spec = spec_provenance("crop_masked", {"margin": 0.5})
+    assert spec["kind"] == "crop_masked"
+    assert spec["params"] == {"margin": 0.5, "min_margin": 16, "fill": [128, 128, 128]}
+    assert spec_provenance("box")["params"] == {"color": [255, 0, 0], "width": None}
+    assert spec_provenance("box", {"color": "blue"})["params"]["color"] == [0, 0, 255]
+    for kind in VISUAL_PROMPTS:
+        spec = spec_provenance(kind)
+        assert json.loads(json.dumps(spec)) == spec
+        assert set(spec["params"]) == set(spec_provenance(kind, spec["params"])["params"])
+    with pytest.raises(ConfigError, match="'nope'"):
+        spec_provenance("nope", {})
+
+
+def test_render_with_provenance_params_reproduces_the_prompt() -> None:
+    image, mask, bbox = case(5)
+    for kind in VISUAL_PROMPTS:
+        params = spec_provenance(kind)["params"]
+        assert to_png(render(kind, image, mask, bbox, **params)) == \
+            to_png(render(kind, image, mask, bbox))
+
+
+# --------------------------------------------------------------------------- encoding, sizing
+
+
+def test_to_png_is_deterministic_and_lossless() -> None:
+    for seed in range(5):
+        image, mask, bbox = case(seed)
+        for kind in ("highlight", "alpha"):
+            img = render(kind, image, mask, bbox)
+            twin = Image.frombytes(img.mode, img.size, img.tobytes())
+            twin.info["dpi"] = (300, 300)
+            twin.info["icc_profile"] = b"not a real profile"
+            twin.info["comment"] = "metadata must not change the bytes"
+            data = to_png(img)
+            assert data == to_png(img) == to_png(twin)
+            assert data.startswith(b"\x89PNG")
+            back = Image.open(io.BytesIO(data))
+            assert back.mode == img.mode and np.array_equal(pixels(back), pixels(img))
+
+
+def test_fit_pixels_keeps_within_budget_and_aspect() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        width, height = (int(v) for v in rng.integers(1, 300, size=2))
+        budget = int(rng.integers(1, 20000))
+        img = Image.new("RGB", (width, height), (10, 20, 30))
+        out = fit_pixels(img, budget)
+        new_w, new_h = out.size
+        assert new_w >= 1 and new_h >= 1 and new_w * new_h <= budget
+        if width * height <= budget:
+            assert out.size == img.size
+        else:
+            assert new_w <= width and new_h <= height
+            if min(new_w, new_h) >= 10:
+                assert abs(new_w / new_h - width / height) / (width / height) < 0.2
+                assert new_w * new_h >= 0.7 * budget
+    assert fit_pixels(Image.new("RGBA", (1000, 1)), 10).size == (10, 1)
+    assert fit_pixels(Image.new("RGB", (1, 1000)), 10).size == (1, 10)
+    with pytest.raises(ValueError, match="max_pixels"):
+        fit_pixels(Image.new("RGB", (4, 4)), 0)
