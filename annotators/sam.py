@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from functools import partial
 from importlib import metadata
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import numpy as np
 import torch
@@ -242,7 +242,7 @@ class _SamSegmenter(Segmenter):
 
     version: ClassVar[str] = "1"
 
-    def __init__(self, settings: dict[str, Any] | None = None, where: str = "") -> None:
+    def __init__(self, settings: Mapping[str, Any] | None = None, where: str = "") -> None:
         super().__init__(settings, where)
         self.model: Sam | None = None
         self.predictor: SamPredictor | None = None
@@ -260,11 +260,17 @@ class _SamSegmenter(Segmenter):
         """Use an already built ``model`` (moved to the device); for sharing weights in benchmarks."""
         device = resolve_device(self.settings.device)
         self.model = model.to(device).eval()
+        self._adapt_model(self.model)
         if self.settings.compile_encoder:
             self.model.image_encoder.compile()
+        if self.settings.bf16 and device.type != "cuda":
+            logger.info("%s: bf16 applies on CUDA only; running float32 on %s", self.name, device)
         self.predictor = SamPredictor(self.model)
         self._after_model()
         logger.info("%s: %s on %s (%s)", self.name, self.settings.model_type, device, self._weights())
+
+    def _adapt_model(self, model: Sam) -> None:
+        """Hook for subclasses to change the model in place before it is compiled."""
 
     def _after_model(self) -> None:
         """Hook for subclasses to build what sits on top of the model."""
@@ -361,7 +367,7 @@ class SamAutoSegmenter(_SamSegmenter):
     name: ClassVar[str] = "sam-auto"
     Settings: ClassVar[type] = SamAutoSettings
 
-    def __init__(self, settings: dict[str, Any] | None = None, where: str = "") -> None:
+    def __init__(self, settings: Mapping[str, Any] | None = None, where: str = "") -> None:
         super().__init__(settings, where)
         self.generator: SamAutomaticMaskGenerator | None = None
 
@@ -382,12 +388,13 @@ class SamAutoSegmenter(_SamSegmenter):
             min_mask_region_area=s.min_mask_region_area,
             output_mode="coco_rle",
         )
-        if not s.fast:
-            self.generator = SamAutomaticMaskGenerator(self.model, **kwargs)
-            return
-        if self.model.device.type == "cuda":
-            use_sdpa_attention(self.model)
-        self.generator = FastMaskGenerator(self.model, **kwargs)
+        generator = FastMaskGenerator if s.fast else SamAutomaticMaskGenerator
+        self.generator = generator(self.model, **kwargs)
+
+    def _adapt_model(self, model: Sam) -> None:
+        """Fast path on CUDA: fused attention in the image encoder (same weights)."""
+        if self.settings.fast and model.device.type == "cuda":
+            use_sdpa_attention(model)
 
     def _points_per_batch(self) -> int:
         s = self.settings

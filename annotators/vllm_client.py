@@ -752,7 +752,8 @@ class VllmChatClient:
             timed_out = elapsed >= 0.9 * self.settings.timeout_s
             reason = "timeout" if timed_out else "connection"
             cause = exc.__cause__ or exc
-            detail = f"{reason} after {elapsed:.2f} s talking to {url}: {type(cause).__name__}: {cause}"
+            what = "timed out" if timed_out else "connection failed"
+            detail = f"{what} after {elapsed:.2f} s talking to {url}: {type(cause).__name__}: {cause}"
             return _Fault(reason, detail[:500], "transport", endpoint_fault=True)
         if isinstance(exc, (ValueError, UnicodeDecodeError)):
             return _Fault("bad_response", f"unreadable response body from {url}: {exc}"[:500],
@@ -790,14 +791,20 @@ class VllmChatClient:
 def _status_fault(exc: Any, url: str) -> _Fault:
     """An HTTP error: 408, 429 and 5xx are transient; any other status fails at once."""
     status = int(exc.status_code)
-    body = exc.body if isinstance(exc.body, dict) else {}
-    message = body.get("message") or (body.get("error") or {}).get("message") \
-        if isinstance(body.get("error"), dict) else body.get("message")
-    detail = f"HTTP {status} from {url}: {message or exc.message}"[:500]
+    detail = f"HTTP {status} from {url}: {_error_message(exc)}"[:500]
     transient = status in (408, 429) or status >= 500
     retry_after = _retry_after(exc.response.headers.get("retry-after")) if transient else None
     return _Fault(f"http_{status}", detail, "transport" if transient else "final",
                   retry_after=retry_after, endpoint_fault=status >= 500)
+
+
+def _error_message(exc: Any) -> str:
+    """The server's error message (vLLM: {"message": ...}; OpenAI: {"error": {"message": ...}})."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    nested = body.get("error")
+    if isinstance(nested, dict) and nested.get("message"):
+        return str(nested["message"])
+    return str(body.get("message") or exc.message)
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -55,6 +55,12 @@ export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 
+# Flags: float32 and eager mode are what the CPU backend runs reliably; 1024 tokens
+# hold a prompt with a few 16-token images plus a 512-token JSON answer. Videos are
+# off (the tiny model is for image tests). Structured output: xgrammar is what
+# "auto" picks; disable_any_whitespace is a server-wide setting (the per-request
+# field is ignored) and without it a random model can emit JSON whitespace until
+# max_tokens. Later arguments override these (the last occurrence wins).
 # `python -m ...api_server`, not the `vllm` console script: the latter looks up the
 # distribution "vllm", but the package is installed as "vllm-cpu".
 exec "$venv/bin/python" -m vllm.entrypoints.openai.api_server \
@@ -66,4 +72,5 @@ exec "$venv/bin/python" -m vllm.entrypoints.openai.api_server \
   --enforce-eager \
   --max-model-len 1024 \
   --limit-mm-per-prompt '{"image": 4, "video": 0}' \
+  --structured-outputs-config '{"backend": "xgrammar", "disable_any_whitespace": true}' \
   "${extra[@]}"

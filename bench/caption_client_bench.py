@@ -1,0 +1,200 @@
+"""Throughput and client CPU of VllmChatClient against a local server with a fixed latency.
+
+The server (tests/fault_server.py, no faults) runs in a child process, so the CPU time measured
+here is the client's alone. With ``in_flight`` requests outstanding and a server answering each
+after ``latency_ms``, the ideal rate is in_flight / latency; the report gives the achieved share
+of it and the client's process CPU time per request. Targets: >= 90 % of ideal, <= 1 ms CPU.
+
+    python bench/caption_client_bench.py --requests 5000 --in-flight 256 --latency-ms 100
+    python bench/caption_client_bench.py --smoke --json /tmp/smoke.json
+
+``--baseline-aiohttp`` also times a bare aiohttp loop posting the same bodies: the floor for
+an asyncio HTTP client in this Python on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from annotators.base import AnnotatorFailure  # noqa: E402
+from annotators.vllm_client import ChatRequest, VllmChatClient  # noqa: E402
+from tests.fault_server import FaultConfig, ProcessFaultServer, start_in_process  # noqa: E402
+
+log = logging.getLogger("caption_client_bench")
+
+TARGET_EFFICIENCY = 0.90
+TARGET_CPU_MS = 1.0
+SMOKE = {"requests": 40, "in_flight": 8, "latency_ms": 20.0}
+
+
+def make_requests(n: int, client: VllmChatClient, image_side: int) -> list[ChatRequest]:
+    """``n`` caption requests shaped like the captioner's (system, shared image, region text)."""
+    shared: list[str] = []
+    if image_side > 0:
+        import numpy as np
+
+        rgb = np.random.default_rng(0).integers(0, 255, (image_side, image_side, 3), np.uint8)
+        shared = [client.encode_image(rgb)]
+    return [client.request(system="You write short, factual captions of image regions.",
+                           shared_images=shared,
+                           text=f"Describe region {i} in one sentence.", region_id=f"r{i}")
+            for i in range(n)]
+
+
+def time_client(server: ProcessFaultServer, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the requests through VllmChatClient.run_many; wall time and client CPU."""
+    client = VllmChatClient({"model": "fake-vlm", "endpoints": [server.base_url],
+                             "max_in_flight": args.in_flight, "timeout_s": 30.0,
+                             "transport": args.transport})
+    client.setup()
+    try:
+        client.run_many(make_requests(args.in_flight, client, args.image_side))   # warm-up
+        requests = make_requests(args.requests, client, args.image_side)
+        before = server.stats()["cpu_s"]
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        results = client.run_many(requests)
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        server_cpu = server.stats()["cpu_s"] - before
+    finally:
+        client.teardown()
+    failures = [r for r in results if isinstance(r, AnnotatorFailure)]
+    return {"wall_s": wall, "client_cpu_s": cpu, "server_cpu_s": server_cpu,
+            "answers": len(results) - len(failures), "failures": len(failures),
+            "failure_reasons": sorted({f.reason for f in failures}),
+            "retries": client.metrics["retries"]}
+
+
+def time_baseline(server: ProcessFaultServer, args: argparse.Namespace) -> dict[str, Any]:
+    """The same bodies through a bare aiohttp session (no SDK, no checks): the floor."""
+    import aiohttp
+
+    async def run() -> tuple[float, float]:
+        body = {"model": "fake-vlm", "messages": [{"role": "user", "content": "Describe."}]}
+        sem = asyncio.Semaphore(args.in_flight)
+        connector = aiohttp.TCPConnector(limit=args.in_flight)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async def one() -> None:
+                async with sem, session.post(server.base_url + "/chat/completions",
+                                             json=body) as resp:
+                    await resp.json()
+
+            await asyncio.gather(*(one() for _ in range(args.in_flight)))
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            await asyncio.gather(*(one() for _ in range(args.requests)))
+            return time.perf_counter() - wall0, time.process_time() - cpu0
+
+    wall, cpu = asyncio.run(run())
+    return {"rps": args.requests / wall, "cpu_per_request_ms": 1000 * cpu / args.requests}
+
+
+def summarize(args: argparse.Namespace, timing: dict[str, Any]) -> dict[str, Any]:
+    """The report: rates, efficiency, CPU per request, targets and the environment."""
+    ideal = args.in_flight / (args.latency_ms / 1000)
+    rps = args.requests / timing["wall_s"]
+    cpu_ms = 1000 * timing["client_cpu_s"] / args.requests
+    return {
+        "requests": args.requests, "in_flight": args.in_flight, "latency_ms": args.latency_ms,
+        "transport": args.transport, "image_side": args.image_side,
+        "wall_s": round(timing["wall_s"], 3), "rps": round(rps, 1), "ideal_rps": round(ideal, 1),
+        "efficiency": round(rps / ideal, 4), "cpu_per_request_ms": round(cpu_ms, 4),
+        "server_cpu_per_request_ms": round(1000 * timing["server_cpu_s"] / args.requests, 4),
+        "answers": timing["answers"], "failures": timing["failures"],
+        "failure_reasons": timing["failure_reasons"], "retries": timing["retries"],
+        "targets": {"efficiency": TARGET_EFFICIENCY, "cpu_per_request_ms": TARGET_CPU_MS},
+        "met": {"efficiency": rps / ideal >= TARGET_EFFICIENCY,
+                "cpu_per_request_ms": cpu_ms <= TARGET_CPU_MS},
+        "environment": environment(),
+    }
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers depend on: Python, package versions, cores, load."""
+    versions = {}
+    for name in ("openai", "httpx2", "aiohttp"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": platform.python_version(), "cpus": os.cpu_count(),
+            "loadavg_1m": round(os.getloadavg()[0], 2), "packages": versions}
+
+
+def render(report: dict[str, Any]) -> str:
+    """A short human-readable report."""
+    met = report["met"]
+    lines = [
+        f"requests {report['requests']}  in flight {report['in_flight']}  "
+        f"server latency {report['latency_ms']} ms  transport {report['transport']}",
+        f"achieved {report['rps']:.0f} req/s of ideal {report['ideal_rps']:.0f} "
+        f"= {report['efficiency']:.1%} (target >= {TARGET_EFFICIENCY:.0%}: "
+        f"{'met' if met['efficiency'] else 'NOT met'})",
+        f"client CPU {report['cpu_per_request_ms']:.3f} ms/request (target <= "
+        f"{TARGET_CPU_MS} ms: {'met' if met['cpu_per_request_ms'] else 'NOT met'}); "
+        f"server CPU {report['server_cpu_per_request_ms']:.3f} ms/request",
+        f"answers {report['answers']}  failures {report['failures']}  retries {report['retries']}"
+        f"  load avg {report['environment']['loadavg_1m']} on {report['environment']['cpus']} cpus",
+    ]
+    if "baseline_aiohttp" in report:
+        base = report["baseline_aiohttp"]
+        lines.append(f"bare aiohttp baseline: {base['rps']:.0f} req/s, "
+                     f"{base['cpu_per_request_ms']:.3f} ms CPU/request")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options (``--smoke`` overrides the sizes with tiny ones)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--in-flight", type=int, default=256)
+    parser.add_argument("--latency-ms", type=float, default=100.0)
+    parser.add_argument("--transport", choices=["aiohttp", "httpx"], default="aiohttp")
+    parser.add_argument("--image-side", type=int, default=0,
+                        help="also send a shared N x N JPEG with every request (0: none)")
+    parser.add_argument("--baseline-aiohttp", action="store_true")
+    parser.add_argument("--json", metavar="OUT", help="also write the report as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="tiny run (for tests)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+    if args.requests < 1 or args.in_flight < 1 or args.latency_ms <= 0:
+        parser.error("--requests and --in-flight must be >= 1, --latency-ms > 0")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Start the server process, time the client (and the baseline), build the report."""
+    config = FaultConfig(latency_s=args.latency_ms / 1000, record=False)
+    with start_in_process(config) as server:
+        report = summarize(args, time_client(server, args))
+        if args.baseline_aiohttp:
+            report["baseline_aiohttp"] = time_baseline(server, args)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the report, optionally write it as JSON."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    report = run(args)
+    sys.stdout.write(render(report) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

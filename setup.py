@@ -1,0 +1,32 @@
+"""Packaging. Beam ships this multi-package project to remote workers with --setup_file=./setup.py."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "apache-beam>=2.77,<2.78",
+    "numpy>=2.0,<3",
+    "pillow>=11,<13",          # Beam 2.77 caps pillow below 13
+    "pyarrow>=20",
+    "pycocotools>=2.0.8",
+    "scikit-image>=0.25",
+    "webdataset>=1.0.2,<1.1",
+    "jsonschema>=4.20",
+    "pyyaml>=6",
+]
+EXTRAS = {
+    # Segment Anything. torch/torchvision: the registry's default builds (see README, "Extras").
+    "sam": ["torch==2.14.0", "torchvision==0.29.0", "segment-anything==1.0"],
+    # Captioning with a vLLM (OpenAI-compatible) server; the server itself lives in its own env.
+    "vllm": ["openai>=3.50,<4"],
+    "test": ["pytest>=8", "pytest-xdist>=3", "datasets>=4", "aiohttp>=3.10", "openai>=3.50,<4"],
+}
+
+setup(
+    name="multigran",
+    version="0.1.0",
+    description="Build multi-granularity (image / box / mask) image-text datasets with Apache Beam.",
+    packages=find_packages(include=["annotators*", "pipelines*", "schemas*", "trainer*"]),
+    package_data={"annotators": ["programs/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)

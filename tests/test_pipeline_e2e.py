@@ -1,0 +1,170 @@
+"""End to end with the real Beam runner: accounting, validation, loading, determinism, resume."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from annotators import masks
+from annotators.base import ConfigError
+from pipelines import validate
+from tests.conftest import build, records
+
+pytestmark = pytest.mark.slow
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _bad_inputs(root: Path) -> dict[str, str]:
+    """A directory of good and bad inputs; returns expected outcome per key."""
+    rng = np.random.default_rng(0)
+    good = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    good[10:40, 10:50] = (200, 30, 30)
+    (root / "sub").mkdir(parents=True)
+    (root / "good.png").write_bytes(_png(good))
+    (root / "sub" / "copy.PNG").write_bytes(_png(good))                  # duplicate of good
+    jpeg = io.BytesIO()
+    Image.fromarray(good).save(jpeg, format="JPEG")
+    (root / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "text.png").write_bytes(b"this is not an image")
+    (root / "tiny.png").write_bytes(_png(good[:8, :8]))
+    cmyk = io.BytesIO()
+    Image.fromarray(good).convert("CMYK").save(cmyk, format="JPEG")
+    (root / "cmyk.jpg").write_bytes(cmyk.getvalue())
+    deep = io.BytesIO()
+    Image.fromarray((np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)).save(deep, format="PNG")
+    (root / "deep16.png").write_bytes(deep.getvalue())
+    (root / "notes.txt").write_text("ignored: not an image extension")
+    return {"good": "ok", "sub_copy": "dedup/duplicate", "truncated": "decode/truncated",
+            "empty": "decode/empty_file", "text": "decode/not_an_image", "tiny": "decode/too_small",
+            "cmyk": "ok", "deep16": "ok"}
+
+
+def test_every_input_is_accounted_for(tmp_path: Path, fast_config: dict) -> None:
+    expected = _bad_inputs(tmp_path / "in")
+    out, manifest = build(tmp_path, str(tmp_path / "in"), config=fast_config)
+    report = validate.validate(str(out))
+    assert report.ok, report.text()
+    got = records(out)
+    failures = pq.read_table(out / "failures" / "failures.parquet").to_pylist()
+    outcome = {k: "ok" for k in got}
+    outcome.update({f["key"]: f"{f['stage']}/{f['reason']}" for f in failures if f["region_id"] is None})
+    assert outcome == expected
+    assert manifest["counts"]["inputs"] == len(expected) == manifest["counts"]["written"] + manifest["counts"]["failed"]
+    assert manifest["counts"]["failed_by_reason"]["dedup/duplicate"] == 1
+    dup = next(f for f in failures if f["reason"] == "duplicate")
+    assert "'good'" in dup["detail"] and dup["source"].endswith("copy.PNG")
+    assert got["cmyk"]["image"]["source_mode"] == "CMYK"
+    assert got["deep16"]["image"]["source_mode"].startswith("I")
+
+
+def test_outputs_load_everywhere_and_masks_match(tmp_path: Path, fast_config: dict) -> None:
+    out, manifest = build(tmp_path, "synthetic://6?size=96", config=fast_config)
+    assert validate.validate(str(out)).ok
+    import webdataset as wds
+
+    samples = list(wds.WebDataset(sorted(str(p) for p in (out / "shards").glob("*.tar")), shardshuffle=False)
+                   .decode("pil").to_tuple("__key__", "png", "json"))
+    assert len(samples) == 6 == manifest["counts"]["written"]
+    n_masks = 0
+    for key, image, record in samples:
+        assert image.size == (record["image"]["width"], record["image"]["height"])
+        for region in record["regions"]:
+            if region["mask"] is None:
+                continue
+            m = masks.decode(region["mask"])
+            ys, xs = np.nonzero(m)
+            assert region["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert region["area"] == m.sum()
+            n_masks += 1
+    assert n_masks > 6
+    from datasets import load_dataset
+
+    ds = load_dataset("webdataset", data_files={"train": str(out / "shards" / "*.tar")}, split="train",
+                      cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == 6 and {"png", "json"} <= set(ds.column_names)
+    assert ds[0]["json"]["schema_version"] == "1"
+    images = pq.read_table(out / "index" / "images.parquet")
+    assert images.num_rows == 6 and manifest["counts"]["regions_by_level"]["pixel"] == n_masks
+
+
+def test_workers_give_identical_shards(tmp_path: Path, fast_config: dict) -> None:
+    out1, m1 = build(tmp_path, "synthetic://8?size=64", "one", fast_config)
+    out2, m2 = build(tmp_path, "synthetic://8?size=64", "two", fast_config, ["--workers", "2"])
+    assert m1["shards"] == m2["shards"] and len(m1["shards"]) == 2
+    for shard in m1["shards"]:
+        assert (out1 / "shards" / shard["name"]).read_bytes() == (out2 / "shards" / shard["name"]).read_bytes()
+    assert (out1 / "index" / "regions.parquet").read_bytes() == (out2 / "index" / "regions.parquet").read_bytes()
+
+
+def test_resume_rebuilds_only_missing_shards(tmp_path: Path, fast_config: dict) -> None:
+    out, first = build(tmp_path, "synthetic://8?size=64", config=fast_config)
+    kept = out / "shards" / "train-000000.tar"
+    kept_mtime = kept.stat().st_mtime_ns
+    lost = out / "shards" / "train-000001.tar"
+    original = lost.read_bytes()
+    lost.write_bytes(original[:1000])                   # a partial tar under the final name
+    (out / "shards" / "train-000001.tar.tmp-deadbeef").write_bytes(b"partial")
+    _, second = build(tmp_path, "synthetic://8?size=64", config=fast_config)
+    assert second["resumed_shards"] == 1
+    assert kept.stat().st_mtime_ns == kept_mtime       # the complete shard was skipped
+    assert lost.read_bytes() == original                # the broken one was rebuilt, same bytes
+    assert not list((out / "shards").glob("*.tmp-*"))
+    assert validate.validate(str(out)).ok
+    assert [s["sha256"] for s in first["shards"]] == [s["sha256"] for s in second["shards"]]
+
+
+def test_other_settings_refuse_to_mix(tmp_path: Path, fast_config: dict) -> None:
+    out, _ = build(tmp_path, "synthetic://2?size=64", config=fast_config)
+    other = dict(fast_config, regions={"max_regions": 3})
+    with pytest.raises(ConfigError, match="--output"):
+        build(tmp_path, "synthetic://2?size=64", config=other)
+    _, manifest = build(tmp_path, "synthetic://2?size=64", config=other, extra=["--overwrite"])
+    assert manifest["resumed_shards"] == 0 and validate.validate(str(out)).ok
+
+
+def test_validate_catches_broken_outputs(tmp_path: Path, fast_config: dict) -> None:
+    out, _ = build(tmp_path, "synthetic://3?size=64", config=fast_config)
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    shard = next((broken / "shards").glob("*.tar"))
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, "w") as tar:
+        for info, data in members:
+            if info.name.endswith(".json"):
+                record = json.loads(data)
+                record["regions"][-1]["area"] += 5
+                data = json.dumps(record).encode()
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    report = validate.validate(str(broken))
+    assert not report.ok
+    text = report.text()
+    assert "sha256/size differ" in text and "differs from the mask's" in text and "area" in text
+    (broken / "index" / "images.parquet").unlink()
+    assert "unreadable" in validate.validate(str(broken)).text()
+
+
+def test_bad_settings_stop_before_work(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"segmenter.name: unknown segmenter 'nope'"):
+        build(tmp_path, "synthetic://2", config={"segmenter": {"name": "nope"}})
+    with pytest.raises(ConfigError, match=r"decode.max_sid: unknown setting; did you mean 'max_side'"):
+        build(tmp_path, "synthetic://2", config={"decode": {"max_sid": 5}})
+    with pytest.raises(ConfigError, match=r"--input: '.*missing' does not exist"):
+        build(tmp_path, str(tmp_path / "missing"))
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,64 @@
+"""The schema definition: generated doc is current, validation names field paths."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from annotators import masks
+from schemas import (FAILURES_SCHEMA, IMAGES_SCHEMA, RECORD_JSON_SCHEMA, REGIONS_SCHEMA, RecordError,
+                     check_record, record_errors)
+from schemas import doc
+
+
+def _record() -> dict:
+    mask = np.zeros((20, 30), bool)
+    mask[2:8, 3:13] = True
+    rle = masks.encode(mask)
+    region = {"id": "p1", "level": "pixel", "parent": "r1", "bbox": [3.0, 2.0, 10.0, 6.0], "area": 60.0,
+              "mask": rle, "scores": {}, "caption": "c", "long_caption": "lc", "tags": ["t"],
+              "provenance": {"segmenter": {"name": "given"}, "captioner": {"name": "attributes"}}}
+    box = dict(region, id="r1", level="region", parent=None, mask=None)
+    return {"schema_version": "1", "key": "img_1", "source": {"uri": "x.png", "sha256": "a" * 64},
+            "image": {"width": 30, "height": 20, "format": "png"},
+            "image_level": {"caption": "c", "long_caption": "lc", "tags": [], "provenance": {}},
+            "regions": [box, region], "provenance": {"pipeline_version": "0", "settings_hash": "h"}}
+
+
+def test_schema_doc_is_current() -> None:
+    assert doc.DOC_PATH.read_text() == doc.render(), "run `python -m schemas.doc` to regenerate docs/SCHEMA.md"
+
+
+def test_valid_record_passes() -> None:
+    check_record(_record())
+
+
+@pytest.mark.parametrize("mutate, path", [
+    (lambda r: r.pop("key"), "<record>: 'key' is a required property"),
+    (lambda r: r.__setitem__("key", "a.b"), "key: 'a.b' does not match"),
+    (lambda r: r["image"].__setitem__("width", "30"), "image.width: '30' is not of type 'integer'"),
+    (lambda r: r["regions"][1].__setitem__("level", "part"), "regions[1].level: 'part' is not one of"),
+    (lambda r: r["regions"][1].__setitem__("parent", "r9"), "regions[1].parent: 'r9' is not an earlier region id"),
+    (lambda r: r["regions"][1].__setitem__("bbox", [3.0, 2.0, 11.0, 6.0]), "regions[1].bbox: [3.0, 2.0, 11.0, 6.0] differs from the mask's box"),
+    (lambda r: r["regions"][1].__setitem__("area", 61.0), "regions[1].area: 61.0 differs from the mask's 60 pixels"),
+    (lambda r: r["regions"][1]["mask"].__setitem__("size", [21, 30]), "regions[1].mask.size"),
+    (lambda r: r["regions"][1].__setitem__("mask", None), "regions[1].mask: a pixel-level region needs a mask"),
+    (lambda r: r["regions"][0].__setitem__("bbox", [25.0, 0.0, 10.0, 5.0]), "regions[0].bbox: [25.0, 0.0, 10.0, 5.0] is outside"),
+    (lambda r: r["image"].__setitem__("extra", 1), "image: Additional properties are not allowed"),
+])
+def test_errors_name_the_field(mutate, path) -> None:
+    record = copy.deepcopy(_record())
+    mutate(record)
+    errors = record_errors(record)
+    assert any(e.startswith(path) for e in errors), errors
+    with pytest.raises(RecordError):
+        check_record(record)
+
+
+def test_parquet_schemas_come_from_the_definition() -> None:
+    for schema in (IMAGES_SCHEMA, REGIONS_SCHEMA, FAILURES_SCHEMA):
+        assert schema.metadata[b"schema_version"] == b"1"
+        assert all(f.metadata and f.metadata[b"doc"] for f in schema)
+    assert {"key", "stage", "reason", "detail", "source"} <= set(FAILURES_SCHEMA.names)
+    assert RECORD_JSON_SCHEMA["properties"]["regions"]["items"]["properties"]["level"]["enum"] == ["region", "pixel"]
