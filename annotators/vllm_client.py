@@ -673,8 +673,8 @@ class VllmChatClient:
         endpoint: _Endpoint | None = None
         while True:
             attempts += 1
-            endpoint = pool.pick(avoid=endpoint)
             async with pool.semaphore:
+                endpoint = pool.pick(avoid=endpoint)
                 outcome = await self._attempt(pool, endpoint, request, answer_retries)
             if isinstance(outcome, ChatAnswer):
                 outcome.attempts, outcome.total_s = attempts, time.perf_counter() - started

@@ -1,0 +1,107 @@
+"""Weight-free annotators, the registry and config validation."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from annotators import masks
+from annotators.attributes import AttributesCaptioner, colour_name, position_name, size_name
+from annotators.base import Candidate, CaptionInput, ConfigError, SegmentInput
+from annotators.classical import ClassicalSegmenter
+from annotators.given import GivenSegmenter
+from annotators.registry import build_captioner, build_segmenter
+from pipelines.config import RegionSettings, config_from_dict, load_config
+from pipelines.regions import select_regions
+from pipelines.synthetic import COLOURS, scene
+
+
+def test_classical_levels_nest_exactly() -> None:
+    rgb = np.asarray(scene(3, 1, 128)[0])
+    out = ClassicalSegmenter({"work_side": 128}).segment_batch([SegmentInput("k", rgb)])[0]
+    by_level: dict[int, list[np.ndarray]] = {}
+    for c in out.candidates:
+        by_level.setdefault(int(c.source[-1]), []).append(masks.decode(c.rle))
+        assert masks.bbox(c.rle) == c.bbox and masks.area(c.rle) == c.area
+    assert set(by_level) == {0, 1, 2}
+    for level in (1, 2):   # every finer segment lies inside exactly one coarser segment
+        for m in by_level[level]:
+            assert sum(bool((m & ~p).sum() == 0) for p in by_level[level - 1]) == 1
+    coverage = sum(m.astype(int) for m in by_level[0])
+    assert (coverage == 1).all()
+
+
+def test_classical_recovers_synthetic_objects() -> None:
+    image, objects = scene(5, 2, 128)
+    rgb = np.asarray(image)
+    out = ClassicalSegmenter({"work_side": 128}).segment_batch([SegmentInput("k", rgb)])[0]
+    cands = [masks.decode(c.rle) for c in out.candidates]
+    for obj in objects:
+        truth = masks.decode(obj["mask"])
+        best = max((m & truth).sum() / (m | truth).sum() for m in cands)
+        assert best > 0.5, obj["shape"]
+
+
+def test_attributes_names_known_colours_and_positions() -> None:
+    image, objects = scene(7, 4, 160)
+    data = io.BytesIO()
+    image.save(data, format="PNG")
+    views, _ = select_regions(
+        [Candidate(o["bbox"], o["area"], o["mask"])
+         for o in objects], np.asarray(image), RegionSettings(min_area_frac=0.0))
+    result = AttributesCaptioner().caption_batch([CaptionInput("k", 160, 160, data.getvalue(), views)])[0]
+    assert not result.failures and set(result.regions) == {v.id for v in views}
+    for obj in objects:
+        view = next(v for v in views if v.rle and v.rle["counts"] == obj["mask"]["counts"])
+        text = result.regions[view.id]
+        if obj["parent"] is None and not any(o["parent"] == obj["id"] for o in objects):
+            assert obj["colour"] in text.tags, (obj, text.caption)
+        assert text.caption and len(text.long_caption) > len(text.caption)
+    assert result.image_level.caption and result.image_level.tags
+
+
+def test_attribute_helpers() -> None:
+    for name, rgb in COLOURS.items():
+        assert colour_name(rgb) == name
+    assert position_name(5, 5, 90, 90) == "top left" and position_name(45, 80, 90, 90) == "bottom"
+    assert size_name(0.005) == "tiny" and size_name(0.7) == "very large"
+
+
+def test_given_rescales_to_the_stored_image() -> None:
+    mask = np.zeros((40, 60), bool)
+    mask[10:20, 30:50] = True
+    seg = GivenSegmenter()
+    rgb = np.zeros((20, 30, 3), np.uint8)   # stored at half size
+    out = seg.segment_batch([SegmentInput("k", rgb, {"masks": [masks.encode(mask)], "boxes": [[30, 10, 20, 10]],
+                                                     "original_size": (40, 60)})])[0]
+    mask_c, box_c = out.candidates
+    assert mask_c.rle["size"] == [20, 30] and mask_c.bbox == [15.0, 5.0, 10.0, 5.0]
+    assert box_c.rle is None and box_c.bbox == [15.0, 5.0, 10.0, 5.0]
+
+
+def test_registry_and_settings_errors(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="segmenter.name: unknown segmenter 'foo'; use one of"):
+        build_segmenter({"name": "foo"})
+    with pytest.raises(ConfigError, match="captioner.max_neighbour: unknown setting; did you mean 'max_neighbours'"):
+        build_captioner({"name": "attributes", "max_neighbour": 1})
+    with pytest.raises(ConfigError, match="segmenter.work_side: expected int, got 'big'"):
+        build_segmenter({"name": "classical", "work_side": "big"})
+    with pytest.raises(ConfigError, match="segmenter.work_side: must be in 32..2048"):
+        build_segmenter({"name": "classical", "work_side": 4})
+    with pytest.raises(ConfigError, match="shard: unknown config section; did you mean 'shards'"):
+        config_from_dict({"shard": {}})
+    with pytest.raises(ConfigError, match="regions.max_depth: must be 1, 2 or 3"):
+        config_from_dict({"regions": {"max_depth": 7}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("decode: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "none.yaml"))
+    assert load_config(None).segmenter == {"name": "classical"}
+
+
+def test_default_yaml_is_the_embedded_default() -> None:
+    assert load_config("configs/default.yaml").settings_hash() == load_config(None).settings_hash()
