@@ -160,12 +160,15 @@ def is_empty(text: str | None) -> bool:
     return not (text or "").strip()
 
 
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
+
+
 def refusal_phrase(text: str, phrases: Sequence[str] = DEFAULT_REFUSALS) -> str | None:
     """The refusal phrase ``text`` opens with (case-insensitive), else None.
 
     Only the opening is checked: a caption may legitimately quote "I cannot" later on.
     """
-    opening = text.strip().lstrip("\"'`*#>- \n").lower().replace("\u2019", "'")[:200]
+    opening = text.translate(_QUOTES).strip().lstrip("\"'`*#>- \n").lower()[:200]
     for phrase in phrases:
         if opening.startswith(phrase.lower()):
             return phrase

@@ -63,7 +63,9 @@ def _open(data: bytes, settings: DecodeSettings) -> Image.Image:
         raise InputError("empty_file", "0 bytes")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # decode.max_pixels (checked below) is the limit; Pillow's warning fires at half its
+            # own hard limit, so treating it as an error would reject what the settings allow.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError("decompression_bomb", str(exc)) from exc
@@ -99,6 +101,8 @@ def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "F":
         top = float(np.nanmax(array)) if array.size else 1.0
         scaled = np.clip(np.nan_to_num(array) / (top if top > 1.0 else 1.0), 0, 1) * 255.0
+    elif image.mode.startswith("I;16"):   # 16 bits by definition, whatever the values
+        scaled = array.astype(np.float64) / 257.0
     else:
         scaled = array.astype(np.float64) / 257.0 if array.max(initial=0) > 255 else array
     grey = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")

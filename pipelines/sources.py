@@ -176,7 +176,7 @@ def from_manifest(path: str) -> list[ImageRef]:
             raise ConfigError(f"--input: {path} row {number} has no 'path' or 'uri' column; add one")
         if "://" not in location and not location.startswith("/"):
             location = FileSystems.join(base, location)
-        key = safe_key(str(row["key"])) if row.get("key") else safe_key(
+        key = safe_key(str(row["key"])) if row.get("key") not in (None, "") else safe_key(
             os.path.splitext(posixpath.basename(location))[0])
         refs.append(ImageRef(key=key, uri=location, loader={"kind": "file", "path": location},
                              dataset=row.get("dataset") or None, given=_given(row, base)))
