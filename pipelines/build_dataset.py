@@ -50,9 +50,9 @@ def build(pipeline: beam.Pipeline, refs: list[ImageRef], config: PipelineConfig,
     read = (pipeline
             | "Inputs" >> beam.Create(refs, reshuffle=True)
             | "ReadImages" >> beam.ParDo(stages.ReadImages(config)).with_outputs(failed, main="ok"))
-    hashes = ((read.ok | "Hashes" >> beam.Map(lambda i: (i.sha256, i.ref.key)))
-              , pipeline | "KnownHashes" >> beam.Create(sorted((h, k) for k, h in known_hashes.items())))
-    losers = (hashes | "AllHashes" >> beam.Flatten()
+    new_hashes = read.ok | "Hashes" >> beam.Map(lambda i: (i.sha256, i.ref.key))
+    old_hashes = pipeline | "KnownHashes" >> beam.Create(sorted((h, k) for k, h in known_hashes.items()))
+    losers = ((new_hashes, old_hashes) | "AllHashes" >> beam.Flatten()
               | "BySha" >> beam.GroupByKey()
               | "Losers" >> beam.FlatMap(stages.duplicate_losers))
     if not config.decode.dedup:
@@ -122,8 +122,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
              len({r.shard for r in refs}), len(done))
     start = time.perf_counter()
     if pending:
-        with beam.Pipeline(options=pipeline_options(beam_args, args.workers)) as pipeline:
-            build(pipeline, pending, config, args.output, known)
+        try:
+            with beam.Pipeline(options=pipeline_options(beam_args, args.workers)) as pipeline:
+                build(pipeline, pending, config, args.output, known)
+        finally:   # managed model servers started by in-process workers never outlive the run
+            from annotators import managed_server
+
+            managed_server.stop_all()
     manifest = finalize.finalize(args.output, args.input, refs, config, time.perf_counter() - start,
                                  resumed=len(done))
     return manifest
