@@ -110,6 +110,10 @@ def summarize(args: argparse.Namespace, timing: dict[str, Any]) -> dict[str, Any
         "transport": args.transport, "image_side": args.image_side,
         "wall_s": round(timing["wall_s"], 3), "rps": round(rps, 1), "ideal_rps": round(ideal, 1),
         "efficiency": round(rps / ideal, 4), "cpu_per_request_ms": round(cpu_ms, 4),
+        # One event-loop thread cannot go faster than one core / CPU per request, whatever the
+        # machine's load: the rate this client could reach on an idle core.
+        "cpu_bound_ceiling_rps": round(1000 / cpu_ms, 1),
+        "ceiling_efficiency": round(min(1.0, 1000 / cpu_ms / ideal), 4),
         "server_cpu_per_request_ms": round(1000 * timing["server_cpu_s"] / args.requests, 4),
         "answers": timing["answers"], "failures": timing["failures"],
         "failure_reasons": timing["failure_reasons"], "retries": timing["retries"],
@@ -144,6 +148,8 @@ def render(report: dict[str, Any]) -> str:
         f"client CPU {report['cpu_per_request_ms']:.3f} ms/request (target <= "
         f"{TARGET_CPU_MS} ms: {'met' if met['cpu_per_request_ms'] else 'NOT met'}); "
         f"server CPU {report['server_cpu_per_request_ms']:.3f} ms/request",
+        f"CPU-bound ceiling of one event loop: {report['cpu_bound_ceiling_rps']:.0f} req/s "
+        f"= {report['ceiling_efficiency']:.1%} of ideal",
         f"answers {report['answers']}  failures {report['failures']}  retries {report['retries']}"
         f"  load avg {report['environment']['loadavg_1m']} on {report['environment']['cpus']} cpus",
     ]

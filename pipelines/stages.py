@@ -144,12 +144,14 @@ class Segment(beam.DoFn):
                 yield _internal(item, "segment", exc)
         try:
             outputs = self.segmenter.segment_batch(inputs) if inputs else []
+            if len(outputs) != len(inputs):
+                raise RuntimeError(f"segmenter gave {len(outputs)} answers for {len(inputs)} images")
         except Exception as exc:
             for item in ok:
                 yield _internal(item, "segment", exc)
             return
         share = (time.perf_counter() - start) / max(len(ok), 1)
-        for item, out in zip(ok, outputs):
+        for item, out in zip(ok, outputs, strict=True):
             if isinstance(out, AnnotatorFailure):
                 yield _failure_out(item.fail("segment", out.reason, out.detail))
                 continue
@@ -242,12 +244,14 @@ class Caption(beam.DoFn):
                   for i in batch]
         try:
             results = self.captioner.caption_batch(inputs)
+            if len(results) != len(inputs):
+                raise RuntimeError(f"captioner gave {len(results)} answers for {len(inputs)} images")
         except Exception as exc:
             for item in batch:
                 yield _internal(item, "caption", exc)
             return
         share = (time.perf_counter() - start) / max(len(batch), 1)
-        for item, result in zip(batch, results):
+        for item, result in zip(batch, results, strict=True):
             item.captions = result
             item.prompts = {}
             item.timings["caption"] = share

@@ -61,7 +61,7 @@ def scene(seed: int, index: int, size: int = 256) -> tuple[Image.Image, list[dic
     objects: list[dict[str, Any]] = []
     n_objects = int(rng.integers(2, 5))
     colour_names = [str(c) for c in rng.permutation(list(COLOURS))]
-    for i in range(n_objects):
+    for _ in range(n_objects):
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         box = _random_box(rng, shape, (4, 4, size - 4, size - 4), (0.18, 0.42))
         objects.append({"shape": shape, "colour": colour_names.pop(), "box": box, "parent": None})

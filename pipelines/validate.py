@@ -11,7 +11,6 @@ import sys
 import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems

@@ -248,7 +248,8 @@ def instance_of(schema: dict[str, Any], n: int = 0) -> Any:
         return [instance_of(schema.get("items", {"type": "string"}), n + i) for i in range(count)]
     if kind == "string":
         word = f"{_WORDS[n % len(_WORDS)]} {_NOUNS[(n // 3) % len(_NOUNS)]}"
-        return word[: int(schema.get("maxLength", len(word)))].ljust(int(schema.get("minLength", 0)), "x")
+        word = word[: int(schema.get("maxLength", len(word)))]
+        return word.ljust(int(schema.get("minLength", 0)), "x")
     if kind in ("number", "integer"):
         return max(int(schema.get("minimum", 0)), min(n % 10, int(schema.get("maximum", 10))))
     if kind == "boolean":
@@ -285,7 +286,7 @@ class FaultServer:
         """Fault name (or "ok") -> number of requests it was applied to."""
         return self.app.counts
 
-    def start(self) -> "FaultServer":
+    def start(self) -> FaultServer:
         """Bind a free port and serve until ``stop``."""
         self._thread.start()
         self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
@@ -352,7 +353,7 @@ class ProcessFaultServer:
         """The OpenAI base URL of this server."""
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self, timeout_s: float = 30.0) -> "ProcessFaultServer":
+    def start(self, timeout_s: float = 30.0) -> ProcessFaultServer:
         """Start the process and wait until it listens."""
         args = [sys.executable, str(Path(__file__).resolve()), "--config",
                 json.dumps(dataclasses.asdict(self.config))]

@@ -5,7 +5,6 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from annotators import masks
 from annotators.attributes import AttributesCaptioner, colour_name, position_name, size_name

@@ -1,7 +1,6 @@
 """End to end with the real Beam runner: accounting, validation, loading, determinism, resume."""
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
@@ -79,7 +78,7 @@ def test_outputs_load_everywhere_and_masks_match(tmp_path: Path, fast_config: di
                    .decode("pil").to_tuple("__key__", "png", "json"))
     assert len(samples) == 6 == manifest["counts"]["written"]
     n_masks = 0
-    for key, image, record in samples:
+    for _key, image, record in samples:
         assert image.size == (record["image"]["width"], record["image"]["height"])
         for region in record["regions"]:
             if region["mask"] is None:

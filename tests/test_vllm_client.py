@@ -9,8 +9,9 @@ import logging
 import pickle
 import random
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -22,10 +23,11 @@ from annotators.vllm_client import (
     build_messages, check_answer, encode_image, fit_to_pixels, is_empty, is_truncated,
     parse_json_answer, refusal_phrase, repetition,
 )
-from tests.fault_server import FAULTS, FaultConfig, dead_url, serve_faults
+from tests.fault_server import FAULTS, FaultConfig, FaultServer, dead_url, serve_faults
 
-TAGS_SCHEMA = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"},
-                                                         "minItems": 1}},
+TAGS_SCHEMA = {"type": "object",
+               "properties": {"tags": {"type": "array", "items": {"type": "string"},
+                                       "minItems": 1}},
                "required": ["tags"], "additionalProperties": False}
 FAST = {"timeout_s": 0.4, "backoff_base_s": 0.005, "backoff_max_s": 0.02, "max_in_flight": 64}
 
@@ -35,7 +37,8 @@ def make_client(urls: list[str], **overrides: Any) -> VllmChatClient:
     return VllmChatClient({"model": "fake-vlm", "endpoints": urls, **FAST, **overrides})
 
 
-def text_request(text: str, region_id: str | None = None, schema: dict | None = None) -> ChatRequest:
+def text_request(text: str, region_id: str | None = None,
+                 schema: dict | None = None) -> ChatRequest:
     """A one-message request."""
     return ChatRequest([{"role": "user", "content": [{"type": "text", "text": text}]}],
                        json_schema=schema, region_id=region_id)
@@ -47,7 +50,7 @@ def marker_count(server: Any, marker: str) -> int:
 
 
 @pytest.fixture
-def server():
+def server() -> Iterator[FaultServer]:
     """A healthy fault server in a background thread."""
     with serve_faults(FaultConfig(latency_s=0.002, hang_s=5, slow_s=0.05)) as srv:
         yield srv
@@ -101,7 +104,7 @@ def test_every_fault_is_classified_and_retried_only_when_transient(server: Any) 
     names = sorted(EXPECTED) + ["slow"]
     results = client.run_many([text_request(f"x [[fault:{n}]]", n, TAGS_SCHEMA) for n in names])
     client.teardown()
-    by_name = dict(zip(names, results))
+    by_name = dict(zip(names, results, strict=True))
     assert isinstance(by_name["slow"], ChatAnswer) and by_name["slow"].latency_s >= 0.05
     transient = {"http_500", "http_503", "http_429", "hang", "bad_body", "drop"}
     for name, reason in EXPECTED.items():
@@ -122,7 +125,8 @@ def test_transient_faults_recover_on_retry(server: Any) -> None:
     client = make_client([server.base_url])
     results = client.run_many([
         text_request("a [[fault:http_503:2]]"), text_request("b [[fault:drop:1]]"),
-        text_request("c [[fault:hang:1]]"), text_request("d [[fault:bad_json:1]]", None, TAGS_SCHEMA),
+        text_request("c [[fault:hang:1]]"),
+        text_request("d [[fault:bad_json:1]]", None, TAGS_SCHEMA),
         text_request("e [[fault:http_429:3]]")])
     client.teardown()
     assert all(isinstance(r, ChatAnswer) for r in results), results
@@ -146,7 +150,8 @@ def test_dead_endpoint_is_skipped_and_all_requests_succeed(server: Any) -> None:
 
 
 def test_requests_spread_over_healthy_endpoints() -> None:
-    with serve_faults(FaultConfig(latency_s=0.01)) as a, serve_faults(FaultConfig(latency_s=0.01)) as b:
+    config = FaultConfig(latency_s=0.01)
+    with serve_faults(config) as a, serve_faults(config) as b:
         for balance in ("least_in_flight", "round_robin"):
             client = make_client([a.base_url, b.base_url], balance=balance, max_in_flight=16)
             results = client.run_many([text_request(f"q{i}") for i in range(40)])
@@ -165,11 +170,12 @@ def test_api_key_from_env_sent_as_bearer_and_never_exposed(server: Any, monkeypa
     caplog.set_level(logging.DEBUG)
     for name in ("openai", "httpx2", "aiohttp", "annotators.vllm_client"):
         caplog.set_level(logging.DEBUG, logger=name)
-    client = make_client([server.base_url], api_key_env="TEST_VLLM_KEY")
+    client = make_client([server.base_url], api_key_env="TEST_VLLM_KEY", quiet_http_logs=False)
     results = client.run_many([text_request("ok"), text_request("[[fault:http_400]]"),
                                text_request("[[fault:http_503:1]]")])
     client.teardown()
     assert {r.headers.get("Authorization") for r in server.requests} == {f"Bearer {secret}"}
+    assert "HTTP Request: POST" in caplog.text and "Building HTTP request" in caplog.text
     exposed = [repr(client), str(client), json.dumps(client.provenance()), caplog.text,
                repr(results), repr(client.settings), repr(client.metrics)]
     assert not any(secret in text for text in exposed)
@@ -217,7 +223,8 @@ def test_images_resized_to_budget_sent_as_data_urls_shared_parts_first(server: A
     assert [p["type"] for p in content] == ["text", "image_url", "image_url", "text"]
     assert content[0]["text"] == "The image:" and content[3]["text"] == "Describe the red box."
     assert content[1]["image_url"]["url"] == whole
-    shared, region = _decode(content[1]["image_url"]["url"]), _decode(content[2]["image_url"]["url"])
+    shared = _decode(content[1]["image_url"]["url"])
+    region = _decode(content[2]["image_url"]["url"])
     assert shared.format == "JPEG" and shared.width * shared.height <= 100_000
     assert abs(shared.width / shared.height - 2.0) < 0.02 and shared.width > 400
     assert region.format == "PNG" and region.mode == "RGBA"
@@ -262,7 +269,8 @@ def test_answer_check_functions() -> None:
                "newspapers and a thermos.")
     assert repetition(caption) is None and repetition("short") is None
     assert is_truncated("length") and not is_truncated("stop") and not is_truncated(None)
-    assert parse_json_answer('```json\n{"tags": ["a"]}\n```', TAGS_SCHEMA) == ({"tags": ["a"]}, None)
+    fenced = '```json\n{"tags": ["a"]}\n```'
+    assert parse_json_answer(fenced, TAGS_SCHEMA) == ({"tags": ["a"]}, None)
     value, error = parse_json_answer('{"tags": ["a"', TAGS_SCHEMA)
     assert value is None and error.startswith("not JSON")
     value, error = parse_json_answer('{"tags": []}', TAGS_SCHEMA)
@@ -319,6 +327,9 @@ def test_lifecycle_repeated_run_many_pickle_and_async_use(server: Any) -> None:
     client.setup()
     for _ in range(3):
         assert all(isinstance(r, ChatAnswer) for r in client.run_many([text_request("a")] * 5))
+    with ThreadPoolExecutor(2) as pool:   # Beam may call from several threads at once
+        batches = list(pool.map(client.run_many, [[text_request(f"t{i}")] * 4 for i in range(2)]))
+    assert all(isinstance(r, ChatAnswer) for batch in batches for r in batch)
     client.teardown()
     client.teardown()
     assert isinstance(client.run_many([text_request("after teardown")])[0], ChatAnswer)
@@ -332,7 +343,7 @@ def test_lifecycle_repeated_run_many_pickle_and_async_use(server: Any) -> None:
         return answer
 
     assert isinstance(asyncio.run(use_async()), ChatAnswer)
-    assert client.metrics["requests"] == 16
+    assert client.metrics["requests"] == 24
 
 
 # --------------------------------------------------------------------------- benchmark smoke
@@ -345,9 +356,11 @@ def test_benchmark_smoke_report_fields(tmp_path: Path) -> None:
     assert bench.main(["--smoke", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     for key in ("requests", "in_flight", "latency_ms", "wall_s", "rps", "ideal_rps",
-                "efficiency", "cpu_per_request_ms", "server_cpu_per_request_ms", "answers",
+                "efficiency", "cpu_per_request_ms", "server_cpu_per_request_ms",
+                "cpu_bound_ceiling_rps", "ceiling_efficiency", "answers",
                 "failures", "targets", "met", "environment"):
         assert key in report, key
     assert report["requests"] == bench.SMOKE["requests"] and report["answers"] == report["requests"]
-    assert report["ideal_rps"] == pytest.approx(bench.SMOKE["in_flight"] * 1000 / bench.SMOKE["latency_ms"])
+    ideal = bench.SMOKE["in_flight"] * 1000 / bench.SMOKE["latency_ms"]
+    assert report["ideal_rps"] == pytest.approx(ideal)
     assert report["failures"] == 0 and set(report["met"]) == {"efficiency", "cpu_per_request_ms"}
