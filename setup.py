@@ -14,10 +14,10 @@ CORE = [
 ]
 EXTRAS = {
     # Segment Anything. torch/torchvision: the registry's default builds (see README, "Extras").
-    "sam": ["torch==2.14.0", "torchvision==0.29.0", "segment-anything==1.0"],
+    "sam": ["torch==2.14.0", "torchvision==0.29.0", "segment-anything==1.0", "opencv-python-headless>=4.8"],
     # Captioning with a vLLM (OpenAI-compatible) server; the server itself lives in its own env.
-    "vllm": ["openai>=3.50,<4"],
-    "test": ["pytest>=8", "pytest-xdist>=3", "datasets>=4", "aiohttp>=3.10", "openai>=3.50,<4"],
+    "vllm": ["openai[aiohttp]>=3.50,<4"],
+    "test": ["pytest>=8", "pytest-xdist>=3", "datasets>=4", "aiohttp>=3.10", "openai[aiohttp]>=3.50,<4"],
 }
 
 setup(

@@ -108,7 +108,7 @@ def rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tens
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(qh, qh, rel_pos_h).to(q.dtype))
     rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(qw, qw, rel_pos_w).to(q.dtype))
     bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
-    return bias.reshape(b, heads, qh * qw, qh * qw)
+    return bias.reshape(b, heads, qh * qw, qh * qw).to(q.dtype)
 
 
 def use_sdpa_attention(model: Sam) -> int:
@@ -171,7 +171,7 @@ class FastMaskGenerator(SamAutomaticMaskGenerator):
 
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = uncrop_points(data["points"], crop_box)
-        data["crop_boxes"] = torch.tensor([crop_box for _ in range(len(data["rles"]))])
+        data["crop_boxes"] = torch.tensor([crop_box], dtype=torch.long).repeat(len(data["rles"]), 1)
         return data
 
     # -- decoding

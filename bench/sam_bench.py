@@ -142,7 +142,7 @@ def mask_agreement(reference: list[SegmentOutput], other: list[SegmentOutput],
                    min_iou: float = 0.9) -> float | None:
     """Share of reference masks that have a mask with IoU >= ``min_iou`` in ``other``."""
     matched = total = 0
-    for ref, out in zip(reference, other):
+    for ref, out in zip(reference, other, strict=True):
         ref_rles = [c.rle for c in ref.candidates if c.rle]
         out_rles = [c.rle for c in out.candidates if c.rle]
         total += len(ref_rles)

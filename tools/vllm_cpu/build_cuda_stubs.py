@@ -85,7 +85,7 @@ def undefined_symbols(library: Path) -> list[tuple[str, str | None]]:
 def demangle(names: list[str]) -> dict[str, str]:
     """Map each mangled C++ name to its demangled form (C names map to themselves)."""
     out = run(["c++filt"] + names).splitlines() if names else []
-    return dict(zip(names, out))
+    return dict(zip(names, out, strict=True))
 
 
 def needed_libraries(library: Path) -> list[str]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import struct
 import sys
@@ -81,10 +82,7 @@ def png_bytes(width: int = 224, height: int = 224) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(bytes(rows)))
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(rows))) + chunk(b"IEND", b"")
     )
 
 
@@ -97,8 +95,11 @@ def data_url(png: bytes) -> str:
 
 
 def schema_errors(value: Any, schema: dict[str, Any], path: str = "$") -> list[str]:
-    """Violations of the JSON-schema subset used here (type, properties, required,
-    additionalProperties, items, minItems, maxItems, maxLength); empty when ``value`` matches."""
+    """Violations of ``schema`` by ``value``; an empty list when it matches.
+
+    Covers the JSON-schema subset used here: type (object, array, string), properties,
+    required, additionalProperties, items, minItems, maxItems and maxLength.
+    """
     kind = schema.get("type")
     checks: dict[str, Callable[[Any], bool]] = {
         "object": lambda v: isinstance(v, dict),
@@ -156,7 +157,8 @@ class Client:
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
+                body: dict[str, Any] = json.loads(response.read())
+                return body
         except urllib.error.HTTPError as error:
             raise RuntimeError(f"HTTP {error.code} on {path}: {error.read().decode(errors='replace')}") from error
 
@@ -172,7 +174,9 @@ class Client:
             return self._request("POST", "/chat/completions", payload)
         standard = {key: value for key, value in payload.items() if key != "structured_outputs"}
         extra = {key: value for key, value in payload.items() if key == "structured_outputs"}
-        return self._openai.chat.completions.create(**standard, extra_body=extra or None).model_dump()
+        response = self._openai.chat.completions.create(**standard, extra_body=extra or None)
+        dumped: dict[str, Any] = response.model_dump()
+        return dumped
 
 
 def wait_until_healthy(base_url: str, seconds: float) -> None:
@@ -319,7 +323,9 @@ def main() -> int:
         run_check("image_chat", lambda: check_image_chat(client, args.model)),
     ]
     for form in forms:
-        outcomes.append(run_check(f"json_schema[{form}]", lambda form=form: check_structured(client, args.model, form)))
+        outcomes.append(
+            run_check(f"json_schema[{form}]", functools.partial(check_structured, client, args.model, form))
+        )
     passed = sum(outcome.ok for outcome in outcomes)
     print(f"{passed} passed, {len(outcomes) - passed} failed")
     return 0 if passed == len(outcomes) else 1

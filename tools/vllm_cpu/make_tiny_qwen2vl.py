@@ -84,15 +84,12 @@ def corpus() -> list[str]:
     colours = ["red", "blue", "green", "small", "large"]
     things = ["car", "dog", "tree", "house", "person"]
     places = ["on the road", "near a wall", "in the park", "under the sky"]
-    sentences = [
-        f"A {colour} {thing} {place}."
-        for colour, thing, place in itertools.product(colours, things, places)
-    ]
+    sentences = [f"A {colour} {thing} {place}." for colour, thing, place in itertools.product(colours, things, places)]
     sentences += [
         json.dumps({"tags": [thing, colour], "caption": f"a {colour} {thing}"})
         for colour, thing in itertools.product(colours, things)
     ]
-    sentences += ["The quick brown fox jumps over the lazy dog. 0123456789 {}[]:,\""]
+    sentences += ['The quick brown fox jumps over the lazy dog. 0123456789 {}[]:,"']
     return sentences
 
 
@@ -119,13 +116,24 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """Id of each special token in ``tokenizer``."""
+    ids: dict[str, int] = {}
+    for token in SPECIAL_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if not isinstance(token_id, int):
+            raise TypeError(f"{token!r} maps to {token_id!r}, not to one id")
+        ids[token] = token_id
+    return ids
+
+
 def build_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
     """A 2-layer Qwen2-VL config whose ids match ``tokenizer``.
 
     Head sizes are 32: vLLM's CPU attention backend supports only some head sizes
     (32 is the smallest), and M-RoPE sections must add up to half of it.
     """
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    ids = special_token_ids(tokenizer)
     hidden = 64
     return Qwen2VLConfig(
         text_config={
@@ -179,12 +187,12 @@ def build(out_dir: Path) -> None:
     """Write tokenizer, processor, config, generation config and weights to ``out_dir``."""
     torch.manual_seed(SEED)
     tokenizer = build_tokenizer()
-    config = build_config(tokenizer)
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+    ids = special_token_ids(tokenizer)
+    model = Qwen2VLForConditionalGeneration(build_config(tokenizer)).eval()  # float32 weights
     model.generation_config = GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id,
-        eos_token_id=[config.text_config.eos_token_id, config.text_config.bos_token_id],
-        pad_token_id=config.text_config.pad_token_id,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
         do_sample=False,
     )
     model.save_pretrained(out_dir, safe_serialization=True)

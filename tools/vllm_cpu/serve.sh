@@ -9,9 +9,15 @@
 # The model is served under the name "tiny-qwen2vl" (SERVED_MODEL_NAME overrides).
 #
 # The script ends by `exec`ing python, so the server has this script's PID:
-# killing that PID (SIGTERM/SIGINT) stops the server and vLLM's engine process.
+# SIGTERM or SIGINT to that PID stops the API server, the engine core and the
+# worker (all gone in about 2 s). SIGKILL does not: vLLM's engine core and worker
+# are left running. To be safe against that, start the server in its own session
+# (Popen(..., start_new_session=True)) and signal the process group (os.killpg).
 # Environment: VENV (default <repo>/.venv-vllm) must have been made by setup.sh.
 set -euo pipefail
+
+# Print the comment block above as help.
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -30,7 +36,7 @@ while (($#)); do
     --host=*) host="${1#*=}"; shift ;;
     --port) port="$2"; shift 2 ;;
     --port=*) port="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     --) shift; extra+=("$@"); break ;;
     *) extra+=("$1"); shift ;;
   esac
@@ -42,13 +48,14 @@ if [[ ! -x "$venv/bin/python" || ! -f "$preload_file" ]]; then
   exit 2
 fi
 if [[ ! -f "$model/config.json" ]]; then
-  echo "serve.sh: no model at $model; run tools/vllm_cpu/setup.sh first" >&2
+  echo "serve.sh: no model at $model; run tools/vllm_cpu/setup.sh first or pass --model" >&2
   exit 2
 fi
 
 # Stub c10::cuda / at::cuda libraries: without them the registry's (CUDA) torchvision
 # cannot be imported next to CPU torch. See build_cuda_stubs.py.
-export LD_PRELOAD="$(<"$preload_file")${LD_PRELOAD:+:$LD_PRELOAD}"
+LD_PRELOAD="$(<"$preload_file")${LD_PRELOAD:+:$LD_PRELOAD}"
+export LD_PRELOAD
 # KV cache size in GiB; 1 is plenty for a 1024-token context.
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 # Never reach for a model hub; everything is local.

