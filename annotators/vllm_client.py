@@ -100,6 +100,9 @@ class ClientSettings:
     repetition_max_repeats: int = 8         # the same n-gram this often -> repetition
     repetition_min_tokens: int = 40         # below this, the unique-ratio rule is not applied
     repetition_min_unique_ratio: float = 0.2
+    # Keep free-text answers cut at max_tokens instead of failing them. Only for models that
+    # never stop on their own (randomly initialised test models); structured answers still fail.
+    allow_truncated: bool = False
 
     def check(self) -> None:
         """Reject values that cannot work, naming the field and the fix."""
@@ -150,13 +153,14 @@ class AnswerChecks:
     max_repeats: int = 8
     min_tokens: int = 40
     min_unique_ratio: float = 0.2
+    allow_truncated: bool = False
 
     @classmethod
     def from_settings(cls, settings: ClientSettings) -> AnswerChecks:
         """The checks configured in ``settings``."""
         return cls(tuple(p.lower() for p in settings.refusal_phrases), settings.repetition_ngram,
                    settings.repetition_max_repeats, settings.repetition_min_tokens,
-                   settings.repetition_min_unique_ratio)
+                   settings.repetition_min_unique_ratio, settings.allow_truncated)
 
 
 def is_empty(text: str | None) -> bool:
@@ -216,7 +220,7 @@ def parse_json_answer(text: str, schema: Mapping[str, Any] | None = None) -> tup
     if fenced:
         body = fenced.group(1)
     try:
-        value = json.loads(body)
+        value = json.loads(body, strict=False)   # xgrammar may emit raw control chars in strings
     except ValueError as exc:
         return None, f"not JSON: {exc}"
     if schema is not None:
@@ -257,7 +261,7 @@ def check_answer(text: str, finish_reason: str | None, schema: Mapping[str, Any]
                       checks.min_unique_ratio)
     if loop:
         return None, ("repetition", loop)
-    if is_truncated(finish_reason):
+    if is_truncated(finish_reason) and not (checks.allow_truncated and schema is None):
         return None, ("truncated", f"stopped at the token limit after {len(text)} characters")
     if schema is None:
         return None, None
