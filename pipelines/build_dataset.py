@@ -19,6 +19,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from annotators.base import ConfigError
+from annotators.registry import build_captioner, build_segmenter
 from pipelines import finalize, sources, stages, writer
 from pipelines.config import PIPELINE_VERSION, PipelineConfig, load_config
 from pipelines.types import ImageRef
@@ -44,7 +45,7 @@ class WriteShards(beam.PTransform):
 
 
 def build(pipeline: beam.Pipeline, refs: list[ImageRef], config: PipelineConfig, output: str,
-          known_hashes: dict[str, str]) -> None:
+          known_hashes: dict[str, str], provenance: dict[str, Any]) -> None:
     """Add the dataset flow for ``refs`` to ``pipeline``."""
     failed = stages.FAILED
     read = (pipeline
@@ -68,7 +69,8 @@ def build(pipeline: beam.Pipeline, refs: list[ImageRef], config: PipelineConfig,
     captioned = (prompted.ok
                  | "BatchForCaption" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.batch.caption)
                  | "Caption" >> beam.ParDo(stages.Caption(config)).with_outputs(failed, main="ok"))
-    assembled = captioned.ok | "Assemble" >> beam.ParDo(stages.Assemble(config, PIPELINE_VERSION))
+    assembled = captioned.ok | "Assemble" >> beam.ParDo(
+        stages.Assemble(config, PIPELINE_VERSION, provenance["segmenter"]))
     failures = ((read[failed], unique[failed], decoded[failed], segmented[failed], selected[failed],
                  prompted[failed], captioned[failed])
                 | "AllFailures" >> beam.Flatten()
@@ -120,17 +122,19 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     known = {k: h for stats in done.values() for k, h in stats["hashes"].items()}
     LOG.info("%d inputs in %d shards; %d shards already complete", len(refs),
              len({r.shard for r in refs}), len(done))
+    provenance = {"segmenter": build_segmenter(config.segmenter).provenance(),
+                  "captioner": build_captioner(config.captioner).provenance()}
     start = time.perf_counter()
     if pending:
         try:
             with beam.Pipeline(options=pipeline_options(beam_args, args.workers)) as pipeline:
-                build(pipeline, pending, config, args.output, known)
+                build(pipeline, pending, config, args.output, known, provenance)
         finally:   # managed model servers started by in-process workers never outlive the run
             from annotators import managed_server
 
             managed_server.stop_all()
-    manifest = finalize.finalize(args.output, args.input, refs, config, time.perf_counter() - start,
-                                 resumed=len(done))
+    manifest = finalize.finalize(args.output, args.input, refs, config, provenance,
+                                 time.perf_counter() - start, resumed=len(done))
     return manifest
 
 

@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from annotators.base import ConfigError
-from annotators.registry import build_captioner, build_segmenter
 from pipelines import card, writer
 from pipelines.config import PIPELINE_VERSION, PipelineConfig
 from pipelines.types import ImageRef
@@ -68,7 +67,7 @@ def _merge(out: str, shards: list[str], name: str, schema: pa.Schema, sort: list
 
 
 def finalize(out: str, input_spec: str, refs: list[ImageRef], config: PipelineConfig,
-             seconds: float, resumed: int = 0) -> dict[str, Any]:
+             provenance: dict[str, Any], seconds: float, resumed: int = 0) -> dict[str, Any]:
     """Write index/, failures/, manifest.json and README.md from the completed shards."""
     shards = sorted({r.shard for r in refs})
     stats = {s: writer.read_stats(out, s) for s in shards}
@@ -95,8 +94,7 @@ def finalize(out: str, input_spec: str, refs: list[ImageRef], config: PipelineCo
         "input": input_spec,
         "settings_hash": config.settings_hash(),
         "settings": config.to_dict(),
-        "annotators": {"segmenter": build_segmenter(config.segmenter).provenance(),
-                       "captioner": build_captioner(config.captioner).provenance()},
+        "annotators": provenance,
         "counts": {
             "inputs": len(refs),
             "written": images.num_rows,

@@ -261,13 +261,11 @@ class Caption(beam.DoFn):
 class Assemble(beam.DoFn):
     """Item → ShardOutcome with a validated record, or the item's failures."""
 
-    def __init__(self, config: PipelineConfig, pipeline_version: str) -> None:
+    def __init__(self, config: PipelineConfig, pipeline_version: str,
+                 segmenter_provenance: dict[str, Any]) -> None:
         self.config = config
         self.pipeline_version = pipeline_version
-        self.segmenter_provenance: dict[str, Any] = {}
-
-    def setup(self) -> None:
-        self.segmenter_provenance = build_segmenter(self.config.segmenter).provenance()
+        self.segmenter_provenance = segmenter_provenance   # computed once by the driver
 
     def process(self, item: ImageItem) -> Iterator[ShardOutcome]:
         start = time.perf_counter()
