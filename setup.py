@@ -17,6 +17,8 @@ EXTRAS = {
     "sam": ["torch==2.14.0", "torchvision==0.29.0", "segment-anything==1.0", "opencv-python-headless>=4.8"],
     # Captioning with a vLLM (OpenAI-compatible) server; the server itself lives in its own env.
     "vllm": ["openai[aiohttp]>=3.50,<4"],
+    # In-process captioning with Hugging Face transformers (small runs; same caption programs).
+    "hf": ["transformers==5.23.0", "torch==2.14.0", "torchvision==0.29.0"],
     "test": ["pytest>=8", "pytest-xdist>=3", "datasets>=4", "aiohttp>=3.10", "openai[aiohttp]>=3.50,<4"],
 }
 

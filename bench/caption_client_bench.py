@@ -166,7 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--in-flight", type=int, default=256)
     parser.add_argument("--latency-ms", type=float, default=100.0)
-    parser.add_argument("--transport", choices=["aiohttp", "httpx"], default="aiohttp")
+    parser.add_argument("--transport", choices=["aiohttp", "httpx", "direct"], default="aiohttp")
     parser.add_argument("--image-side", type=int, default=0,
                         help="also send a shared N x N JPEG with every request (0: none)")
     parser.add_argument("--baseline-aiohttp", action="store_true")

@@ -59,10 +59,11 @@ def server() -> Iterator[FaultServer]:
 # --------------------------------------------------------------------------- faults
 
 
-def test_mixed_faults_each_request_ends_once_and_counters_match() -> None:
+@pytest.mark.parametrize("transport", ["aiohttp", "direct"])
+def test_mixed_faults_each_request_ends_once_and_counters_match(transport: str) -> None:
     config = FaultConfig(latency_s=0.002, fault_rate=0.2, seed=7, hang_s=5, slow_s=0.05)
     with serve_faults(config) as srv:
-        client = make_client([srv.base_url])
+        client = make_client([srv.base_url], transport=transport)
         requests = [text_request(f"region {i}", f"r{i}", TAGS_SCHEMA if i % 2 else None)
                     for i in range(300)]
         results = client.run_many(requests)
@@ -98,9 +99,10 @@ EXPECTED = {"http_500": "http_500", "http_503": "http_503", "http_429": "http_42
             "repetition": "repetition", "truncated": "truncated", "bad_json": "bad_json"}
 
 
-def test_every_fault_is_classified_and_retried_only_when_transient(server: Any) -> None:
+@pytest.mark.parametrize("transport", ["aiohttp", "direct"])
+def test_every_fault_is_classified_and_retried_only_when_transient(server: Any, transport: str) -> None:
     assert set(EXPECTED) | {"slow"} == set(FAULTS)
-    client = make_client([server.base_url], max_retries=2)
+    client = make_client([server.base_url], max_retries=2, transport=transport)
     names = sorted(EXPECTED) + ["slow"]
     results = client.run_many([text_request(f"x [[fault:{n}]]", n, TAGS_SCHEMA) for n in names])
     client.teardown()

@@ -1,0 +1,542 @@
+"""`transformers`: the `vllm` captioner's caption programs, generated in-process with Hugging Face
+transformers instead of against a vLLM server.
+
+For small runs (tests, a laptop, one GPU without a server): the captioner is ``VllmCaptioner``
+with its chat clients replaced by ``LocalChatClient``, which has the same surface (``request``,
+``encode_image``, ``run_many``, ``setup``, ``teardown``, ``provenance``) but loads
+``AutoProcessor`` + ``AutoModelForImageTextToText`` once and generates in batches.
+
+How a request becomes a generation: the OpenAI-style messages built by ``build_messages`` are
+turned back into the processor's format (``image_url`` parts become ``{"type": "image"}`` parts,
+their data URLs decoded to PIL images), rendered with the processor's chat template and
+generated in chunks of ``batch_size`` (left padding; greedy at temperature 0, else sampled with
+a seed). There is no grammar-constrained decoding: for a step with a ``json_schema`` the schema
+is added to the prompt and the answer is parsed and validated afterwards, failing with
+``bad_json`` when it does not match. Every answer goes through the same checks as the vLLM path
+(``check_answer``: empty, refusal, repetition, truncated, bad_json; ``allow_truncated``
+honoured).
+
+Nothing is downloaded unless ``allow_download`` is true: ``model`` is a local folder (or a name
+already in the local Hugging Face cache).
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import importlib.metadata
+import importlib.util
+import io
+import json
+import logging
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+
+from annotators.base import AnnotatorFailure, ConfigError, parse_settings, require
+from annotators.vllm import DEFAULT_CLIENT, VllmCaptioner, load_program
+from annotators.vllm_client import (
+    ANSWER_REASONS,
+    AnswerChecks,
+    ChatAnswer,
+    ChatRequest,
+    ChatResult,
+    ImageLike,
+    build_messages,
+    check_answer,
+    encode_image,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+BACKEND = "transformers"
+CLIENT_VERSION = "1"
+DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+SCHEMA_INSTRUCTION = ("Answer with one JSON value and nothing else. It must match this JSON "
+                      "Schema: {schema}")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+_PATH_LIKE = ("/", "./", "../", "~")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class LocalClientSettings:
+    """Settings of one in-process chat client (one loaded model).
+
+    ``max_new_tokens`` is used when a step sets no ``max_tokens``; ``max_new_tokens_cap`` (when
+    set) bounds every answer, whatever the step asks, to keep CPU runs short.
+    """
+
+    model: str = ""                          # local folder, or a name in the local HF cache
+    device: str = "auto"                     # auto (cuda when available), cpu, cuda, cuda:N
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
+    batch_size: int = 8                      # requests generated together (left-padded)
+    max_new_tokens: int = 512
+    max_new_tokens_cap: int | None = None
+    temperature: float = 0.0                 # 0: greedy; a step's temperature overrides it
+    seed: int | None = 0                     # torch seed before each sampled chunk
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. repetition_penalty
+    allow_download: bool = False             # let transformers fetch ``model`` from the hub
+    image_max_pixels: int = 1024 * 1024      # resize budget of the images put into requests
+    image_format: Literal["auto", "jpeg", "png"] = "auto"
+    jpeg_quality: int = 90
+    answer_retries: int = 1                  # re-asks for answers failing a listed check
+    retry_answer_reasons: list[str] = field(default_factory=lambda: ["bad_json"])
+    answer_retry_temperature: float | None = 0.5
+    allow_truncated: bool = False            # keep free text cut at the token limit
+
+    def check(self) -> None:
+        """Reject values that cannot work, naming the field and the fix."""
+        require(bool(self.model), "model", "give a local model folder (saved model + processor) "
+                "or a model name in the local Hugging Face cache")
+        if self.model.startswith(_PATH_LIKE):
+            require(Path(self.model).expanduser().is_dir(), "model",
+                    f"{self.model!r} is not a folder; give a folder with a saved model and "
+                    f"processor (save_pretrained)")
+        require(_DEVICE.fullmatch(self.device) is not None, "device",
+                f"{self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
+        require(self.max_new_tokens_cap is None or self.max_new_tokens_cap >= 1,
+                "max_new_tokens_cap", "must be at least 1 (or null for no cap)")
+        require(self.temperature >= 0, "temperature", "must be >= 0")
+        require(self.image_max_pixels >= 1024, "image_max_pixels", "must be at least 1024")
+        require(1 <= self.jpeg_quality <= 95, "jpeg_quality", "must be within 1..95")
+        require(self.answer_retries >= 0, "answer_retries", "must be >= 0")
+        unknown = sorted(set(self.retry_answer_reasons) - set(ANSWER_REASONS))
+        require(not unknown, "retry_answer_reasons",
+                f"unknown reason(s) {unknown}; use some of {list(ANSWER_REASONS)}")
+
+    def token_limit(self, request: ChatRequest) -> int:
+        """New tokens allowed for ``request``: its own limit or the default, within the cap."""
+        limit = request.max_tokens or self.max_new_tokens
+        return min(limit, self.max_new_tokens_cap) if self.max_new_tokens_cap else limit
+
+
+_CLIENT_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LocalClientSettings))
+
+
+@dataclass
+class TransformersSettings(LocalClientSettings):
+    """Settings of the transformers captioner: the client settings, a program, named clients.
+
+    ``clients`` adds named clients for program steps that set ``client:``; each entry overrides
+    the top-level client settings (another ``model``, ``dtype``, ...).
+    """
+
+    program: str = "umg"
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Check the client settings, load the program and validate every named client."""
+        super().check()
+        program = load_program(self.program)
+        missing = sorted(program.clients() - {DEFAULT_CLIENT} - set(self.clients))
+        require(not missing, "clients", f"the program's steps use client(s) {missing}; add them "
+                "under 'clients' (each a mapping of client settings)")
+        for name in self.clients:
+            parse_settings(LocalClientSettings, self.client_values(name), f"clients.{name}")
+
+    def client_values(self, name: str) -> dict[str, Any]:
+        """LocalClientSettings values of client ``name``."""
+        values = {key: getattr(self, key) for key in _CLIENT_FIELDS}
+        if name != DEFAULT_CLIENT:
+            values.update(self.clients.get(name) or {})
+        return values
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def decode_data_url(url: str) -> Image.Image:
+    """The RGB PIL image of a ``data:image/...;base64,`` URL (no network: other URLs fail)."""
+    from PIL import Image
+
+    if not url.startswith("data:") or ";base64," not in url:
+        raise ValueError(f"only base64 data URLs can be used in-process, got {url[:40]!r}")
+    raw = base64.b64decode(url.split(";base64,", 1)[1])
+    return Image.open(io.BytesIO(raw)).convert("RGB")
+
+
+def processor_messages(messages: Sequence[Mapping[str, Any]],
+                       json_schema: Mapping[str, Any] | None = None,
+                       ) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    """OpenAI-style messages as a processor's chat template expects them, and their images.
+
+    Every content becomes a list of parts; ``image_url`` parts become ``{"type": "image"}`` and
+    their images are returned in order. With ``json_schema`` the schema is appended to the last
+    user message as an instruction.
+    """
+    out: list[dict[str, Any]] = []
+    images: list[Image.Image] = []
+    for message in messages:
+        content = message.get("content") or []
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else []
+        for part in [] if isinstance(content, str) else content:
+            if part.get("type") == "text":
+                parts.append({"type": "text", "text": part.get("text", "")})
+            elif part.get("type") == "image_url":
+                images.append(decode_data_url((part.get("image_url") or {}).get("url", "")))
+                parts.append({"type": "image"})
+            else:
+                raise ValueError(f"unsupported message part type {part.get('type')!r}")
+        out.append({"role": message["role"], "content": parts})
+    if json_schema is not None:
+        _add_schema_instruction(out, json_schema)
+    return out, images
+
+
+def _add_schema_instruction(messages: list[dict[str, Any]], schema: Mapping[str, Any]) -> None:
+    text = SCHEMA_INSTRUCTION.format(schema=json.dumps(schema, separators=(",", ":")))
+    users = [m for m in messages if m["role"] == "user"]
+    if users:
+        users[-1]["content"].append({"type": "text", "text": "\n" + text})
+    else:
+        messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
+
+
+# --------------------------------------------------------------------------- devices, dtypes
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` as cuda when a GPU is visible, else cpu; other values unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto`` as bfloat16 on a GPU that supports it, else float32; other values unchanged."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def transformers_version() -> str:
+    """The installed transformers version ("" when it is not installed)."""
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+# --------------------------------------------------------------------------- the client
+
+
+@dataclass
+class _Prepared:
+    """One request ready for the processor."""
+
+    index: int
+    prompt: str
+    images: list[Any]
+    limit: int
+    temperature: float
+
+
+class LocalChatClient:
+    """In-process chat client with VllmChatClient's surface, generating with transformers.
+
+    ``run_many(requests)`` never raises: each result is a ChatAnswer or an AnnotatorFailure
+    (answer-check reasons as the vLLM client; ``client_error`` when a request cannot be prepared
+    or its chunk cannot be generated). Calls are serialised (one generation at a time).
+    """
+
+    def __init__(self, settings: LocalClientSettings | Mapping[str, Any],
+                 where: str = "client") -> None:
+        if not isinstance(settings, LocalClientSettings):
+            settings = parse_settings(LocalClientSettings, settings, where)
+        self.settings: LocalClientSettings = settings
+        self.where = where
+        self.checks = dataclasses.replace(AnswerChecks(), allow_truncated=settings.allow_truncated)
+        self.metrics: dict[str, Any] = {"requests": 0, "answers": 0, "retries": 0, "chunks": 0,
+                                        "failures": Counter(), "retry_reasons": Counter()}
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.model: Any = None
+        self.processor: Any = None
+        self._eos: set[int] = set()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return f"LocalChatClient(model={s.model!r}, device={self.device!r}, dtype={self.dtype!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"settings": self.settings, "where": self.where}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["settings"], state["where"])  # type: ignore[misc]
+
+    def provenance(self) -> dict[str, Any]:
+        """Backend, model, transformers version, resolved device and dtype, settings."""
+        return {"name": "local-chat-client", "version": CLIENT_VERSION, "backend": BACKEND,
+                "model": self.settings.model, "transformers_version": transformers_version(),
+                "device": self.device, "dtype": self.dtype,
+                "settings": dataclasses.asdict(self.settings)}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def setup(self) -> None:
+        """Load the processor and the model once; ConfigError names ``model`` if that fails."""
+        with self._lock:
+            if self.model is None:
+                self._load()
+
+    def _load(self) -> None:
+        """Load processor and model from ``model`` onto the device, left padding."""
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        s = self.settings
+        options = {"local_files_only": not s.allow_download}
+        try:
+            processor = AutoProcessor.from_pretrained(s.model, **options)
+            model = AutoModelForImageTextToText.from_pretrained(
+                s.model, dtype=getattr(torch, self.dtype), **options)
+        except (OSError, ValueError, KeyError) as exc:
+            hint = "" if s.allow_download else " (nothing is downloaded unless allow_download)"
+            raise ConfigError(f"{self.where}.model: cannot load {s.model!r}{hint}: "
+                              f"{type(exc).__name__}: {str(exc)[:300]}; give a folder with a "
+                              f"saved image-text-to-text model and its processor") from None
+        if not getattr(processor, "chat_template", None):
+            raise ConfigError(f"{self.where}.model: {s.model!r} has no chat template; save one "
+                              f"with the processor (processor.chat_template)")
+        processor.tokenizer.padding_side = "left"
+        self.processor, self.model = processor, model.to(self.device).eval()
+        self._eos = self._eos_ids()
+        log.info("loaded %s on %s (%s)", s.model, self.device, self.dtype)
+
+    def _eos_ids(self) -> set[int]:
+        """Token ids that end an answer (generation config and tokenizer)."""
+        ids = self.model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        eos = self.processor.tokenizer.eos_token_id
+        return set(ids) | ({eos} if eos is not None else set())
+
+    def teardown(self) -> None:
+        """Drop the model and processor (and the GPU cache); ``run_many`` afterwards reloads."""
+        with self._lock:
+            on_gpu = self.model is not None and self.device.startswith("cuda")
+            self.model = self.processor = None
+        if on_gpu:
+            import torch
+
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------ requests
+
+    def request(self, *, system: str | None = None, shared_text: str = "",
+                shared_images: Sequence[ImageLike] = (), region_images: Sequence[ImageLike] = (),
+                text: str = "", json_schema: dict[str, Any] | None = None,
+                schema_name: str = "answer", region_id: str | None = None) -> ChatRequest:
+        """A ChatRequest built with ``build_messages`` under this client's image settings."""
+        s = self.settings
+        messages = build_messages(system=system, shared_text=shared_text,
+                                  shared_images=shared_images, region_images=region_images,
+                                  text=text, max_pixels=s.image_max_pixels,
+                                  image_format=s.image_format, jpeg_quality=s.jpeg_quality)
+        return ChatRequest(messages, json_schema=json_schema, schema_name=schema_name,
+                           region_id=region_id)
+
+    def encode_image(self, image: ImageLike) -> str:
+        """``encode_image`` with this client's settings."""
+        s = self.settings
+        return encode_image(image, s.image_max_pixels, s.image_format, s.jpeg_quality)
+
+    def run_many(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        """Answer ``requests`` in batches of ``batch_size``; results in input order.
+
+        Answers failing a check listed in ``retry_answer_reasons`` are asked again (sampled at
+        ``answer_retry_temperature``) up to ``answer_retries`` times.
+        """
+        if not requests:
+            return []
+        self.setup()
+        requests = list(requests)
+        with self._lock:
+            self.metrics["requests"] += len(requests)
+            results = self._attempt(requests, list(range(len(requests))), 0)
+            for retry in range(1, self.settings.answer_retries + 1):
+                again = sorted(i for i, r in results.items() if self._retryable(r))
+                if not again:
+                    break
+                for i in again:
+                    self.metrics["retry_reasons"][results[i].reason] += 1
+                self.metrics["retries"] += len(again)
+                results.update(self._attempt(requests, again, retry))
+        out = [results[i] for i in range(len(requests))]
+        for result in out:
+            if isinstance(result, AnnotatorFailure):
+                self.metrics["failures"][result.reason] += 1
+            else:
+                self.metrics["answers"] += 1
+        return out
+
+    def _retryable(self, result: ChatResult) -> bool:
+        """True when ``result`` failed a check worth asking again for."""
+        return isinstance(result, AnnotatorFailure) and \
+            result.reason in self.settings.retry_answer_reasons
+
+    def _attempt(self, requests: list[ChatRequest], indices: list[int],
+                 retry: int) -> dict[int, ChatResult]:
+        """One try of ``requests[i]`` for each i in ``indices``, chunked by token limit."""
+        results: dict[int, ChatResult] = {}
+        prepared: list[_Prepared] = []
+        for i in indices:
+            item = self._prepare(i, requests[i], retry)
+            if isinstance(item, AnnotatorFailure):
+                results[i] = item
+            else:
+                prepared.append(item)
+        for chunk in self._chunks(prepared):
+            results.update(self._generate(chunk, requests, retry))
+        return results
+
+    def _chunks(self, prepared: list[_Prepared]) -> list[list[_Prepared]]:
+        """At most ``batch_size`` requests each, sharing one token limit and temperature."""
+        groups: dict[tuple[int, float], list[_Prepared]] = {}
+        for item in prepared:
+            groups.setdefault((item.limit, item.temperature), []).append(item)
+        size = self.settings.batch_size
+        return [group[k:k + size] for group in groups.values()
+                for k in range(0, len(group), size)]
+
+    def _prepare(self, index: int, request: ChatRequest,
+                 retry: int) -> _Prepared | AnnotatorFailure:
+        """The prompt, images, token limit and temperature of one try of ``request``."""
+        s = self.settings
+        temperature = s.temperature if request.temperature is None else request.temperature
+        if retry and s.answer_retry_temperature is not None:
+            temperature = s.answer_retry_temperature
+        try:
+            messages, images = processor_messages(request.messages, request.json_schema)
+            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                        tokenize=False)
+        except Exception as exc:  # one bad request must not cost the batch
+            return AnnotatorFailure("client_error", f"cannot build the prompt: "
+                                    f"{type(exc).__name__}: {exc}"[:500], request.region_id)
+        return _Prepared(index, prompt, images, s.token_limit(request), float(temperature))
+
+    def _generate(self, chunk: list[_Prepared], requests: list[ChatRequest],
+                  retry: int) -> dict[int, ChatResult]:
+        """Generate one chunk; a failure of the chunk fails each of its requests."""
+        started = time.perf_counter()
+        try:
+            inputs, output = self._run_model(chunk, retry)
+        except Exception as exc:  # e.g. out of memory: fail these requests, keep the batch
+            log.warning("generation of %d request(s) failed", len(chunk), exc_info=True)
+            detail = f"generation failed: {type(exc).__name__}: {exc}"[:500]
+            return {p.index: AnnotatorFailure("client_error", detail, requests[p.index].region_id)
+                    for p in chunk}
+        latency = time.perf_counter() - started
+        self.metrics["chunks"] += 1
+        width = inputs["input_ids"].shape[1]
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        return {p.index: self._answer(output[row, width:].tolist(), p, int(prompt_tokens[row]),
+                                      requests[p.index], latency)
+                for row, p in enumerate(chunk)}
+
+    def _run_model(self, chunk: list[_Prepared], retry: int) -> tuple[Any, torch.Tensor]:
+        """Processor inputs of ``chunk`` and the generated ids (prompt included)."""
+        import torch
+
+        images = [image for p in chunk for image in p.images]
+        inputs = self.processor(text=[p.prompt for p in chunk], images=images or None,
+                                padding=True, return_tensors="pt").to(self.device)
+        temperature = chunk[0].temperature
+        options: dict[str, Any] = {"max_new_tokens": chunk[0].limit, "do_sample": temperature > 0,
+                                   **self.settings.generate_kwargs}
+        if temperature > 0:
+            options["temperature"] = temperature
+            if self.settings.seed is not None:
+                torch.manual_seed(self.settings.seed + retry)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **options)
+        return inputs, output
+
+    def _answer(self, tokens: list[int], item: _Prepared, prompt_tokens: int,
+                request: ChatRequest, latency: float) -> ChatResult:
+        """Check one generated sequence; a ChatAnswer or the failure of the first check."""
+        stop = next((k for k, t in enumerate(tokens) if t in self._eos), None)
+        finish = "stop" if stop is not None or len(tokens) < item.limit else "length"
+        tokens = tokens if stop is None else tokens[:stop]
+        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        parsed, problem = check_answer(text, finish, request.json_schema, self.checks)
+        if problem:
+            return AnnotatorFailure(problem[0], problem[1], request.region_id)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
+                 "total_tokens": prompt_tokens + len(tokens)}
+        return ChatAnswer(text=text, parsed=parsed, finish_reason=finish, usage=usage,
+                          latency_s=latency, total_s=latency, endpoint=f"local:{self.device}",
+                          region_id=request.region_id)
+
+
+# --------------------------------------------------------------------------- the captioner
+
+
+class TransformersCaptioner(VllmCaptioner):
+    """Runs a caption program with in-process transformers models (see the module docstring)."""
+
+    name = "transformers"
+    version = "1"
+    Settings = TransformersSettings
+
+    def __init__(self, settings: Mapping[str, Any] | None = None, where: str = "") -> None:
+        if importlib.util.find_spec("transformers") is None:
+            raise ConfigError(f"{where or self.role}.name: 'transformers' needs the transformers "
+                              f"package; install the project's 'hf' extra")
+        super().__init__(settings, where)
+        self.where = where or self.role
+        self.clients: dict[str, LocalChatClient] = {}  # type: ignore[assignment]
+
+    def setup(self) -> None:
+        """Load one local client (processor + model) per client name the program uses."""
+        for name in sorted({DEFAULT_CLIENT} | self.program.clients()):
+            if name not in self.clients:
+                where = self.where if name == DEFAULT_CLIENT else f"{self.where}.clients.{name}"
+                client = LocalChatClient(self.settings.client_values(name), where)
+                client.setup()
+                self.clients[name] = client
+        log.info("transformers captioner ready: program %s v%s (%s), clients %s",
+                 self.program.id, self.program.version, self.program.hash,
+                 list(self.clients.values()))
+
+    def _build_provenance(self) -> dict[str, Any]:
+        """Name, version, backend, model, transformers version, dtype, device, program, clients."""
+        from annotators import visual_prompts as vp
+
+        p = self.program
+        specs = {level: [{"name": s["name"], **vp.spec_provenance(
+            s["kind"], {k: v for k, v in s.items() if k not in ("name", "kind")})} for s in items]
+            for level, items in p.visual_prompts.items()}
+        clients = {}
+        for name in sorted({DEFAULT_CLIENT} | p.clients()):
+            values = parse_settings(LocalClientSettings, self.settings.client_values(name), name)
+            device = resolve_device(values.device)
+            clients[name] = {**dataclasses.asdict(values), "device": device,
+                             "dtype": resolve_dtype(values.dtype, device)}
+        default = clients[DEFAULT_CLIENT]
+        return {"name": self.name, "version": self.version, "backend": BACKEND,
+                "model": self.settings.model, "models": sorted({c["model"] for c in
+                                                                clients.values()}),
+                "transformers_version": transformers_version(), "device": default["device"],
+                "dtype": default["dtype"], "prompt_id": f"{p.id}@{p.version}",
+                "prompt_hash": p.hash, "program": {"id": p.id, "version": p.version,
+                                                   "hash": p.hash},
+                "visual_prompts": specs, "clients": clients, "managed_server": False}
