@@ -80,6 +80,20 @@ def build(pipeline: beam.Pipeline, refs: list[ImageRef], config: PipelineConfig,
      | "WriteShards" >> WriteShards(output, config.settings_hash()))
 
 
+def beam_counters(result: Any) -> dict[str, int]:
+    """This run's Beam counters ("namespace/name" → value); empty where the runner has none."""
+    try:
+        query = result.metrics().query()
+    except Exception:   # some runners do not report metrics
+        return {}
+    out: dict[str, int] = {}
+    for counter in query.get("counters", []):
+        name = f"{counter.key.metric.namespace}/{counter.key.metric.name}"
+        value = counter.committed if counter.committed is not None else counter.attempted
+        out[name] = out.get(name, 0) + int(value or 0)
+    return dict(sorted(out.items()))
+
+
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,16 +139,20 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     provenance = {"segmenter": build_segmenter(config.segmenter).provenance(),
                   "captioner": build_captioner(config.captioner).provenance()}
     start = time.perf_counter()
+    counters: dict[str, int] = {}
     if pending:
         try:
-            with beam.Pipeline(options=pipeline_options(beam_args, args.workers)) as pipeline:
-                build(pipeline, pending, config, args.output, known, provenance)
+            pipeline = beam.Pipeline(options=pipeline_options(beam_args, args.workers))
+            build(pipeline, pending, config, args.output, known, provenance)
+            result = pipeline.run()
+            result.wait_until_finish()
+            counters = beam_counters(result)
         finally:   # managed model servers started by in-process workers never outlive the run
             from annotators import managed_server
 
             managed_server.stop_all()
     manifest = finalize.finalize(args.output, args.input, refs, config, provenance,
-                                 time.perf_counter() - start, resumed=len(done))
+                                 time.perf_counter() - start, resumed=len(done), counters=counters)
     return manifest
 
 

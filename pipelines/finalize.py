@@ -67,7 +67,8 @@ def _merge(out: str, shards: list[str], name: str, schema: pa.Schema, sort: list
 
 
 def finalize(out: str, input_spec: str, refs: list[ImageRef], config: PipelineConfig,
-             provenance: dict[str, Any], seconds: float, resumed: int = 0) -> dict[str, Any]:
+             provenance: dict[str, Any], seconds: float, resumed: int = 0,
+             counters: dict[str, int] | None = None) -> dict[str, Any]:
     """Write index/, failures/, manifest.json and README.md from the completed shards."""
     shards = sorted({r.shard for r in refs})
     stats = {s: writer.read_stats(out, s) for s in shards}
@@ -110,6 +111,7 @@ def finalize(out: str, input_spec: str, refs: list[ImageRef], config: PipelineCo
         "seconds_per_stage": {s: round(timings.get(s, 0.0), 3) for s in STAGES},
         "seconds_wall": round(seconds, 2),
         "resumed_shards": resumed,
+        "beam_counters_this_run": counters or {},
         "versions": versions(),
     }
     with FileSystems.create(FileSystems.join(out, "manifest.json")) as handle:

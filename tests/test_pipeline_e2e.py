@@ -106,6 +106,7 @@ def test_workers_give_identical_shards(tmp_path: Path, fast_config: dict) -> Non
     for shard in m1["shards"]:
         assert (out1 / "shards" / shard["name"]).read_bytes() == (out2 / "shards" / shard["name"]).read_bytes()
     assert (out1 / "index" / "regions.parquet").read_bytes() == (out2 / "index" / "regions.parquet").read_bytes()
+    assert m2["beam_counters_this_run"]["dataset/written"] == 8   # counters add up across processes
 
 
 def test_resume_rebuilds_only_missing_shards(tmp_path: Path, fast_config: dict) -> None:
@@ -167,3 +168,14 @@ def test_bad_settings_stop_before_work(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--input: '.*missing' does not exist"):
         build(tmp_path, str(tmp_path / "missing"))
     assert not (tmp_path / "out").exists()
+
+
+def test_beam_counters_mirror_the_manifest(tmp_path: Path, fast_config: dict) -> None:
+    expected = _bad_inputs(tmp_path / "in")
+    _, manifest = build(tmp_path, str(tmp_path / "in"), config=fast_config)
+    counters = manifest["beam_counters_this_run"]
+    assert counters["dataset/written"] == manifest["counts"]["written"]
+    assert counters["dataset/read"] == len(expected) - manifest["counts"]["failed_by_reason"].get("read/read_error", 0)
+    for key, count in manifest["counts"]["failed_by_reason"].items():
+        assert counters[f"failures/{key.replace('/', '.')}"] == count
+    assert counters["regions/pixel"] == manifest["counts"]["regions_by_level"]["pixel"]
