@@ -345,8 +345,8 @@ def _resolve(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
     resolved = {name: _CHECKS[name](value, f"visual_prompt.{kind}.{name}")
                 for name, value in merged.items()}
     if kind == "highlight" and resolved["dim"] == 0 and resolved["blur"] == 0:
-        raise ConfigError(f"visual_prompt.highlight: dim and blur are both 0, which leaves the "
-                          f"image unchanged; set dim > 0 or blur > 0")
+        raise ConfigError("visual_prompt.highlight: dim and blur are both 0, which leaves the "
+                          "image unchanged; set dim > 0 or blur > 0")
     return resolved
 
 

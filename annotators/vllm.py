@@ -466,7 +466,7 @@ class VllmCaptioner(Captioner):
             futures = {name: pool.submit(self.clients[name].run_many, [w[2] for w in jobs])
                        for name, jobs in work.items()}
             for name, jobs in work.items():
-                for (target, step, _), answer in zip(jobs, futures[name].result()):
+                for (target, step, _), answer in zip(jobs, futures[name].result(), strict=True):
                     self._apply(target, step, answer)
 
     def _request(self, item: CaptionInput, target: _Target, step: Step,

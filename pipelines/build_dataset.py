@@ -44,38 +44,51 @@ class WriteShards(beam.PTransform):
                     lambda shard, items: writer.write_shard(output, shard, items, settings_hash)))
 
 
+class FindDuplicates(beam.PTransform):
+    """(sha256, key) of every read input, plus those of already complete shards → AsDict-able
+    (loser key, keeper key) pairs: the smallest key of each sha256 keeps the image."""
+
+    def __init__(self, known_hashes: dict[str, str], enabled: bool) -> None:
+        super().__init__()
+        self.known = sorted((h, k) for k, h in known_hashes.items())
+        self.enabled = enabled
+
+    def expand(self, items: beam.PCollection) -> beam.PCollection:
+        if not self.enabled:
+            return items.pipeline | "NoDedup" >> beam.Create([])
+        new = items | "Hashes" >> beam.Map(lambda i: (i.sha256, i.ref.key))
+        old = items.pipeline | "KnownHashes" >> beam.Create(self.known)
+        return ((new, old) | "AllHashes" >> beam.Flatten()
+                | "BySha" >> beam.GroupByKey()
+                | "Losers" >> beam.FlatMap(stages.duplicate_losers))
+
+
 def build(pipeline: beam.Pipeline, refs: list[ImageRef], config: PipelineConfig, output: str,
           known_hashes: dict[str, str], provenance: dict[str, Any]) -> None:
     """Add the dataset flow for ``refs`` to ``pipeline``."""
-    failed = stages.FAILED
-    read = (pipeline
-            | "Inputs" >> beam.Create(refs, reshuffle=True)
-            | "ReadImages" >> beam.ParDo(stages.ReadImages(config)).with_outputs(failed, main="ok"))
-    new_hashes = read.ok | "Hashes" >> beam.Map(lambda i: (i.sha256, i.ref.key))
-    old_hashes = pipeline | "KnownHashes" >> beam.Create(sorted((h, k) for k, h in known_hashes.items()))
-    losers = ((new_hashes, old_hashes) | "AllHashes" >> beam.Flatten()
-              | "BySha" >> beam.GroupByKey()
-              | "Losers" >> beam.FlatMap(stages.duplicate_losers))
-    if not config.decode.dedup:
-        losers = pipeline | "NoDedup" >> beam.Create([])
-    unique = read.ok | "DropDuplicates" >> beam.ParDo(
-        stages.DropDuplicates(), beam.pvalue.AsDict(losers)).with_outputs(failed, main="ok")
-    decoded = unique.ok | "DecodeImages" >> beam.ParDo(stages.DecodeImages(config)).with_outputs(failed, main="ok")
-    segmented = (decoded.ok
-                 | "BatchForSegment" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.batch.segment)
-                 | "Segment" >> beam.ParDo(stages.Segment(config)).with_outputs(failed, main="ok"))
-    selected = segmented.ok | "SelectRegions" >> beam.ParDo(stages.SelectRegions(config)).with_outputs(failed, main="ok")
-    prompted = selected.ok | "RenderPrompts" >> beam.ParDo(stages.RenderPrompts(config)).with_outputs(failed, main="ok")
-    captioned = (prompted.ok
-                 | "BatchForCaption" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.batch.caption)
-                 | "Caption" >> beam.ParDo(stages.Caption(config)).with_outputs(failed, main="ok"))
-    assembled = captioned.ok | "Assemble" >> beam.ParDo(
-        stages.Assemble(config, PIPELINE_VERSION, provenance["segmenter"]))
-    failures = ((read[failed], unique[failed], decoded[failed], segmented[failed], selected[failed],
-                 prompted[failed], captioned[failed])
-                | "AllFailures" >> beam.Flatten()
+    rejected: list[beam.PCollection] = []
+
+    def stage(items: beam.PCollection, name: str, dofn: beam.DoFn, *side: Any) -> beam.PCollection:
+        out = items | name >> beam.ParDo(dofn, *side).with_outputs(stages.FAILED, main="ok")
+        rejected.append(out[stages.FAILED])
+        return out.ok
+
+    def batches(size: int) -> beam.BatchElements:
+        return beam.BatchElements(min_batch_size=1, max_batch_size=size)
+
+    items = pipeline | "Inputs" >> beam.Create(refs, reshuffle=True)
+    items = stage(items, "ReadImages", stages.ReadImages(config))
+    losers = items | "FindDuplicates" >> FindDuplicates(known_hashes, config.decode.dedup)
+    items = stage(items, "DropDuplicates", stages.DropDuplicates(), beam.pvalue.AsDict(losers))
+    items = stage(items, "DecodeImages", stages.DecodeImages(config))
+    items = stage(items | "BatchForSegment" >> batches(config.batch.segment), "Segment", stages.Segment(config))
+    items = stage(items, "SelectRegions", stages.SelectRegions(config))
+    items = stage(items, "RenderPrompts", stages.RenderPrompts(config))
+    items = stage(items | "BatchForCaption" >> batches(config.batch.caption), "Caption", stages.Caption(config))
+    records = items | "Assemble" >> beam.ParDo(stages.Assemble(config, PIPELINE_VERSION, provenance["segmenter"]))
+    failures = (rejected | "AllFailures" >> beam.Flatten()
                 | "FailureOutcomes" >> beam.Map(stages.failure_outcome))
-    ((assembled, failures)
+    ((records, failures)
      | "Outcomes" >> beam.Flatten()
      | "WriteShards" >> WriteShards(output, config.settings_hash()))
 

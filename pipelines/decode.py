@@ -155,9 +155,11 @@ def decode(data: bytes, settings: DecodeSettings) -> Decoded:
         info["animated"] = True
     short, long = min(rgb.size), max(rgb.size)
     if short < settings.min_side:
-        raise InputError("too_small", f"{rgb.size[0]}x{rgb.size[1]}: shorter side < decode.min_side={settings.min_side}")
+        raise InputError("too_small", f"{rgb.size[0]}x{rgb.size[1]}: shorter side < "
+                                      f"decode.min_side={settings.min_side}")
     if long / short > settings.max_aspect:
-        raise InputError("bad_aspect", f"{rgb.size[0]}x{rgb.size[1]}: aspect > decode.max_aspect={settings.max_aspect}")
+        raise InputError("bad_aspect", f"{rgb.size[0]}x{rgb.size[1]}: aspect > "
+                                       f"decode.max_aspect={settings.max_aspect}")
     resized = _resize(rgb, settings.max_side)
     unchanged = (resized is rgb and source_format == "JPEG" and image.mode == "RGB"
                  and not info.get("exif_transposed") and frames == 1)

@@ -12,6 +12,7 @@ import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
@@ -113,10 +114,15 @@ def check_shard(report: Report, name: str, data: bytes) -> dict[str, dict]:
     return records
 
 
+def _table(out: str, *parts: str) -> pa.Table:
+    # use_threads=False: Arrow's thread pool next to Beam's can abort the interpreter at exit
+    return pq.read_table(io.BytesIO(_read(FileSystems.join(out, *parts))), use_threads=False)
+
+
 def _check_tables(report: Report, out: str, records: dict[str, tuple[str, dict]]) -> set[str]:
-    images = pq.read_table(io.BytesIO(_read(FileSystems.join(out, "index", "images.parquet"))), use_threads=False)
-    regions = pq.read_table(io.BytesIO(_read(FileSystems.join(out, "index", "regions.parquet"))), use_threads=False)
-    failures = pq.read_table(io.BytesIO(_read(FileSystems.join(out, "failures", "failures.parquet"))), use_threads=False)
+    images = _table(out, "index", "images.parquet")
+    regions = _table(out, "index", "regions.parquet")
+    failures = _table(out, "failures", "failures.parquet")
     for table, schema, name in ((images, IMAGES_SCHEMA, "index/images.parquet"),
                                 (regions, REGIONS_SCHEMA, "index/regions.parquet"),
                                 (failures, FAILURES_SCHEMA, "failures/failures.parquet")):
