@@ -519,12 +519,8 @@ class TransformersCaptioner(VllmCaptioner):
 
     def _build_provenance(self) -> dict[str, Any]:
         """Name, version, backend, model, transformers version, dtype, device, program, clients."""
-        from annotators import visual_prompts as vp
-
         p = self.program
-        specs = {level: [{"name": s["name"], **vp.spec_provenance(
-            s["kind"], {k: v for k, v in s.items() if k not in ("name", "kind")})} for s in items]
-            for level, items in p.visual_prompts.items()}
+        specs = self._visual_prompt_provenance()
         clients = {}
         for name in sorted({DEFAULT_CLIENT} | p.clients()):
             values = parse_settings(LocalClientSettings, self.settings.client_values(name), name)

@@ -397,13 +397,17 @@ class VllmCaptioner(Captioner):
             self._provenance = self._build_provenance()
         return self._provenance
 
-    def _build_provenance(self) -> dict[str, Any]:
+    def _visual_prompt_provenance(self) -> dict[str, list[dict[str, Any]]]:
+        """Every visual prompt of the program with its parameters resolved, per level."""
         from annotators import visual_prompts as vp
 
-        p = self.program
-        specs = {level: [{"name": s["name"], **vp.spec_provenance(
+        return {level: [{"name": s["name"], **vp.spec_provenance(
             s["kind"], {k: v for k, v in s.items() if k not in ("name", "kind")})} for s in items]
-            for level, items in p.visual_prompts.items()}
+            for level, items in self.program.visual_prompts.items()}
+
+    def _build_provenance(self) -> dict[str, Any]:
+        p = self.program
+        specs = self._visual_prompt_provenance()
         clients = {}
         for name in sorted({DEFAULT_CLIENT} | p.clients()):
             values = parse_settings(

@@ -2,7 +2,6 @@
 fault-injecting OpenAI-style server, and of the managed server's lifecycle."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -11,19 +10,16 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from annotators import managed_server
-from annotators import masks as rle
-from annotators import visual_prompts as vp
-from annotators.base import CaptionInput, ConfigError, RegionView
+from annotators.base import CaptionInput, ConfigError
 from annotators.managed_server import ManagedServer, ServerError
 from annotators.registry import build_captioner
 from annotators.vllm import VllmCaptioner, clean_tags, load_program, parse_program
 from tests.fault_server import FaultApp, FaultConfig, FaultServer
+from tests.helpers import make_item
 
 FAIL_BBOX = "[1, 1, 7, 7]"        # the region with this box gets a refusal
 REJECT_BBOX = "[40, 30, 10, 8]"   # longgrit's judge rejects the region with this box
@@ -56,34 +52,6 @@ def server() -> Iterator[FaultServer]:
     srv.start()
     yield srv
     srv.stop()
-
-
-def make_item(key: str, specs: dict[str, list[dict[str, Any]]], width: int = 64,
-              height: int = 48) -> CaptionInput:
-    """An image with one box region and two mask regions, visual prompts rendered as the
-    pipeline's RenderPrompts does."""
-    rgb = np.zeros((height, width, 3), np.uint8)
-    rgb[..., 0] = np.arange(width, dtype=np.uint8)[None, :] * 3
-    mask_a = np.zeros((height, width), bool)
-    mask_a[10:30, 10:30] = True
-    mask_b = np.zeros((height, width), bool)
-    mask_b[30:38, 40:50] = True
-    regions = [RegionView("r0", "region", None, [1.0, 1.0, 7.0, 7.0] if key == "failing" else
-                          [5.0, 5.0, 30.0, 30.0], 900.0, None),
-               RegionView("p0", "pixel", "r0", [10.0, 10.0, 20.0, 20.0], 400.0, rle.encode(mask_a)),
-               RegionView("p1", "pixel", None, [40.0, 30.0, 10.0, 8.0], 80.0, rle.encode(mask_b))]
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG")
-    item = CaptionInput(key, width, height, buf.getvalue(), regions)
-    whole = [0.0, 0.0, float(width), float(height)]
-    for target, region, bbox in [("image", None, whole)] + [(r.id, r, r.bbox) for r in regions]:
-        level = "image" if region is None else region.level
-        mask = rle.decode(region.rle) if region is not None and region.rle else None
-        for spec in specs.get(level, []):
-            params = {k: v for k, v in spec.items() if k not in ("name", "kind")}
-            image = vp.render(spec["kind"], rgb, mask, bbox, **params)
-            item.prompts.setdefault(target, {})[spec["name"]] = vp.to_png(image)
-    return item
 
 
 def captioner(url: str, program: str, **extra: Any) -> VllmCaptioner:
