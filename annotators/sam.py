@@ -113,6 +113,7 @@ class SamAutoSettings(SamModelSettings):
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
     fast: bool = False                       # the project's batched, device-side generator
+    encoder_batch: int = 4                   # fast path: images per image-encoder call
 
     def check(self) -> None:
         """Validate values; raise ConfigError naming the field."""
@@ -130,6 +131,7 @@ class SamAutoSettings(SamModelSettings):
         require(self.crop_n_points_downscale_factor >= 1, "crop_n_points_downscale_factor",
                 "must be 1 or more")
         require(self.min_mask_region_area >= 0, "min_mask_region_area", "must be 0 or more")
+        require(self.encoder_batch >= 1, "encoder_batch", "must be 1 or more")
 
 
 @dataclass
@@ -385,6 +387,7 @@ class SamAutoSegmenter(_SamSegmenter):
     def __init__(self, settings: Mapping[str, Any] | None = None, where: str = "") -> None:
         super().__init__(settings, where)
         self.generator: SamAutomaticMaskGenerator | None = None
+        self._features: Any = None   # the current image's batched embedding (fast path)
 
     def _after_model(self) -> None:
         assert self.model is not None
@@ -424,9 +427,44 @@ class SamAutoSegmenter(_SamSegmenter):
         assert self.model is not None
         return fast_points_per_batch(self.model, s.bf16, s.points_per_side ** 2)
 
+    def segment_batch(self, images: list[SegmentInput]) -> list[SegmentOutput | AnnotatorFailure]:
+        """Fast path: the image encoder runs on ``encoder_batch`` images at a time; the point
+        prompts of each image then reuse its embedding. Stock path: one image at a time."""
+        self.setup()
+        if not self.settings.fast:
+            return super().segment_batch(images)
+        out: list[SegmentOutput | AnnotatorFailure] = []
+        step = self.settings.encoder_batch
+        for start in range(0, len(images), step):
+            chunk = images[start:start + step]
+            features = self._embed_safely(chunk)
+            for i, item in enumerate(chunk):
+                self._features = features[i:i + 1] if features is not None else None
+                try:
+                    out.append(self._segment_safely(item))
+                finally:
+                    self._features = None
+        return out
+
+    def _embed_safely(self, chunk: list[SegmentInput]) -> Any:
+        """Batched embeddings, or None (each image is then encoded on its own) when a chunk holds
+        a bad image or the batched call fails (e.g. out of memory)."""
+        assert isinstance(self.generator, FastMaskGenerator)
+        if any(_image_problem(item.rgb) for item in chunk):
+            return None
+        try:
+            with torch.inference_mode(), self._autocast():
+                return self.generator.embed([item.rgb for item in chunk])
+        except Exception as exc:
+            logger.warning("batched image encoding failed (%s); encoding images one by one", exc)
+            return None
+
     def _segment(self, item: SegmentInput) -> SegmentOutput:
         assert self.generator is not None
-        records = self.generator.generate(item.rgb)
+        if self._features is not None:
+            records = self.generator.generate(item.rgb, features=self._features)
+        else:
+            records = self.generator.generate(item.rgb)
         candidates, empty = [], 0
         for record in records:
             candidate = _auto_candidate(record)

@@ -138,12 +138,50 @@ class FastMaskGenerator(SamAutomaticMaskGenerator):
     def __init__(self, model: Sam, autocast_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self.autocast_dtype = autocast_dtype
+        self._features: torch.Tensor | None = None
 
     @torch.no_grad()
-    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
-        """Mask records for ``image`` (HWC uint8), in the stock generator's format."""
+    def generate(self, image: np.ndarray, features: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        """Mask records for ``image`` (HWC uint8), in the stock generator's format.
+
+        ``features``: the image's embedding from ``embed`` (1, C, h, w), used for the whole-image
+        crop instead of running the encoder again.
+        """
+        self._features = features
+        try:
+            with self._autocast():
+                return super().generate(image)
+        finally:
+            self._features = None
+
+    @torch.no_grad()
+    def embed(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Image-encoder embeddings of several images in one batched call (N, C, h, w).
+
+        Each image is resized and padded exactly as ``SamPredictor.set_image`` does, so the result
+        equals per-image encoding up to floating-point batching effects.
+        """
+        predictor = self.predictor
+        batch = []
+        for image in images:
+            resized = predictor.transform.apply_image(image)
+            tensor = torch.as_tensor(resized, device=predictor.device).permute(2, 0, 1).contiguous()
+            batch.append(predictor.model.preprocess(tensor[None, :, :, :]))
         with self._autocast():
-            return super().generate(image)
+            return predictor.model.image_encoder(torch.cat(batch))
+
+    def _set_image(self, cropped: np.ndarray, whole: bool) -> None:
+        """Point the predictor at ``cropped``; reuse the precomputed embedding for the whole image."""
+        predictor = self.predictor
+        if not whole or self._features is None:
+            predictor.set_image(cropped)
+            return
+        predictor.reset_image()
+        predictor.original_size = cropped.shape[:2]
+        predictor.input_size = predictor.transform.get_preprocess_shape(
+            cropped.shape[0], cropped.shape[1], predictor.transform.target_length)
+        predictor.features = self._features
+        predictor.is_image_set = True
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         device = self.predictor.device
@@ -156,7 +194,7 @@ class FastMaskGenerator(SamAutomaticMaskGenerator):
         x0, y0, x1, y1 = crop_box
         cropped = image[y0:y1, x0:x1, :]
         crop_size = cropped.shape[:2]
-        self.predictor.set_image(cropped)
+        self._set_image(cropped, whole=tuple(crop_size) == tuple(orig_size[:2]))
         points = self.point_grids[crop_layer_idx] * np.array(crop_size)[None, ::-1]
 
         parts = [self._filter_batch(batch, crop_box, orig_size)

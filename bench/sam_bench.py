@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-type", default="vit_h", choices=["vit_h", "vit_l", "vit_b", "tiny"])
     parser.add_argument("--images", type=int, default=8, help="timed images per path")
+    parser.add_argument("--batch", type=int, default=4,
+                        help="images per segment_batch call on the fast path (encoder_batch)")
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--points-per-side", type=int, default=32)
@@ -97,30 +99,33 @@ def segmenter_settings(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
         "fast": fast,
     }
     if fast:
-        settings.update(bf16=not args.no_bf16, compile_encoder=args.compile,
-                        points_per_batch=args.fast_points_per_batch)
+        settings.update(encoder_batch=args.batch, bf16=not args.no_bf16,
+                        compile_encoder=args.compile, points_per_batch=args.fast_points_per_batch)
     return settings
 
 
-def time_path(segmenter: SamAutoSegmenter, images: list[np.ndarray],
-              warmup: int) -> tuple[dict[str, Any], list[SegmentOutput]]:
-    """Run ``segmenter`` on each image (after ``warmup`` untimed ones); timings and outputs."""
+def time_path(segmenter: SamAutoSegmenter, images: list[np.ndarray], warmup: int,
+              batch: int = 1) -> tuple[dict[str, Any], list[SegmentOutput]]:
+    """Run ``segmenter`` on the images, ``batch`` per call (after ``warmup`` untimed calls);
+    per-image timings (a call's time shared by its images) and outputs."""
     inputs = [SegmentInput(f"img{i}", img) for i, img in enumerate(images)]
-    for item in inputs[:1] * warmup:
-        segmenter.segment_batch([item])
+    for _ in range(warmup):
+        segmenter.segment_batch(inputs[:batch])
     cuda = segmenter.model is not None and segmenter.model.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, outputs = [], []
-    for item in inputs:
+    for start_index in range(0, len(inputs), batch):
+        chunk = inputs[start_index:start_index + batch]
         start = time.perf_counter()
-        out = segmenter.segment_batch([item])[0]
+        outs = segmenter.segment_batch(chunk)
         if cuda:
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000.0)
-        if not isinstance(out, SegmentOutput):
-            raise RuntimeError(f"segmenter failed on {item.key}: {out}")
-        outputs.append(out)
+        times += [(time.perf_counter() - start) * 1000.0 / len(chunk)] * len(chunk)
+        for item, out in zip(chunk, outs, strict=True):
+            if not isinstance(out, SegmentOutput):
+                raise RuntimeError(f"segmenter failed on {item.key}: {out}")
+            outputs.append(out)
     return _path_report(segmenter, times, outputs, cuda), outputs
 
 
@@ -161,7 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fast.attach_model(copy.deepcopy(model))      # the fast path adapts its model in place
     stock.attach_model(model)
     stock_report, stock_out = time_path(stock, images, args.warmup)
-    fast_report, fast_out = time_path(fast, images, args.warmup)
+    fast_report, fast_out = time_path(fast, images, args.warmup, args.batch)
     return {
         "bench": "sam-auto", "smoke": args.smoke, "model_type": args.model_type,
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

@@ -250,6 +250,42 @@ def test_fast_path_matches_stock_exactly_on_cpu(settings: dict, background: tupl
     assert fast.dropped == stock.dropped
 
 
+def test_fast_path_encodes_a_batch_of_images_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    images = [shapes_image(128, 160, seed=1), shapes_image(96, 96, (0, 0, 0), seed=2),
+              shapes_image(150, 110, seed=3)]
+    stock = auto(**UNFILTERED)
+    expected = [comparable(run_one(stock, im)) for im in images]
+    calls: list[int] = []
+    embed = sam_fast.FastMaskGenerator.embed
+
+    def counting_embed(self: Any, batch: list[np.ndarray]) -> Any:
+        calls.append(len(batch))
+        return embed(self, batch)
+
+    monkeypatch.setattr(sam_fast.FastMaskGenerator, "embed", counting_embed)
+    fast = auto(fast=True, encoder_batch=3, **UNFILTERED)
+    outs = fast.segment_batch([SegmentInput(f"k{i}", im) for i, im in enumerate(images)])
+    assert calls == [3]                                  # one encoder call for the three images
+    # Same masks as one image at a time, up to float batching effects (~1e-6 in the embedding).
+    assert sum(len(e) for e in expected) >= 3
+    for out, want in zip(outs, expected, strict=True):
+        assert_same_masks(out, want)
+    bad = SegmentInput("bad", images[0][..., :2].copy())
+    outs = fast.segment_batch([bad, SegmentInput("good", images[1])])
+    assert isinstance(outs[0], AnnotatorFailure)
+    assert comparable(outs[1]) == expected[1]            # a chunk with a bad image: one by one
+
+
+def assert_same_masks(out: SegmentOutput, want: list[tuple]) -> None:
+    """Same candidates: scores within 1e-4, masks overlapping with IoU >= 0.99."""
+    got = comparable(out)
+    assert len(got) == len(want)
+    for (rle_a, _, _, scores_a, _), (rle_b, _, _, scores_b, _) in zip(got, want, strict=True):
+        assert scores_a.keys() == scores_b.keys()
+        assert all(abs(scores_a[k] - scores_b[k]) < 1e-4 for k in scores_a)
+        assert masks.iou([rle_a], [rle_b])[0, 0] >= 0.99
+
+
 def test_fast_path_chunking_and_out_of_memory_split(image: np.ndarray, many: SegmentOutput,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sam_fast, "UPSCALE_CHUNK", 5)
