@@ -54,15 +54,14 @@ class ClassicalSegmenter(Segmenter):
         return out
 
     def _levels(self, small: np.ndarray) -> list[np.ndarray]:
-        from skimage import graph, segmentation
+        from skimage import segmentation
 
         s = self.settings
         min_size = max(4, int(s.min_size_frac * small.shape[0] * small.shape[1]))
         fine = segmentation.felzenszwalb(small, scale=s.scale, sigma=s.sigma, min_size=min_size)
-        rag = graph.rag_mean_color(small, fine)
-        mid = graph.cut_threshold(fine, rag, s.mid_threshold, in_place=False)
-        rag = graph.rag_mean_color(small, fine)
-        coarse = graph.cut_threshold(fine, rag, s.coarse_threshold, in_place=False)
+        pairs, weights = _adjacency(small, fine)
+        mid = _merge_below(fine, pairs, weights, s.mid_threshold)
+        coarse = _merge_below(fine, pairs, weights, s.coarse_threshold)
         return [coarse, mid, fine][: s.levels]
 
     def _segment(self, rgb: np.ndarray) -> SegmentOutput:
@@ -80,3 +79,35 @@ class ClassicalSegmenter(Segmenter):
                 candidates.append(Candidate(bbox=rle.bbox(encoded), area=float(mask.sum()),
                                             rle=encoded, scores={}, source=f"classical:level{level}"))
         return SegmentOutput(candidates=candidates)
+
+
+def _adjacency(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Region adjacency graph of ``labels``: unique neighbouring label pairs (8-connectivity) and
+    the distance between their mean colours (what skimage's ``rag_mean_color`` computes)."""
+    n = int(labels.max()) + 1
+    flat = labels.ravel()
+    means = np.stack([np.bincount(flat, image[..., c].ravel().astype(np.float64), n)
+                      for c in range(image.shape[2])], axis=1)
+    means /= np.maximum(np.bincount(flat, minlength=n), 1)[:, None]
+    a = np.concatenate([labels[:, :-1].ravel(), labels[:-1, :].ravel(),
+                        labels[:-1, :-1].ravel(), labels[:-1, 1:].ravel()])
+    b = np.concatenate([labels[:, 1:].ravel(), labels[1:, :].ravel(),
+                        labels[1:, 1:].ravel(), labels[1:, :-1].ravel()])
+    differ = a != b
+    pairs = np.unique(np.sort(np.stack([a[differ], b[differ]], axis=1), axis=1), axis=0)
+    weights = np.linalg.norm(means[pairs[:, 0]] - means[pairs[:, 1]], axis=1)
+    return pairs, weights
+
+
+def _merge_below(labels: np.ndarray, pairs: np.ndarray, weights: np.ndarray,
+                 threshold: float) -> np.ndarray:
+    """Join neighbouring regions whose edge weight is below ``threshold`` (connected components
+    of the thresholded graph, as skimage's ``cut_threshold``); returns the merged label image."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = int(labels.max()) + 1
+    keep = pairs[weights < threshold]
+    graph = coo_matrix((np.ones(len(keep)), (keep[:, 0], keep[:, 1])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    return component[labels]

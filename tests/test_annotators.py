@@ -104,3 +104,19 @@ def test_registry_and_settings_errors(tmp_path) -> None:
 
 def test_default_yaml_is_the_embedded_default() -> None:
     assert load_config("configs/default.yaml").settings_hash() == load_config(None).settings_hash()
+
+
+def test_classical_merging_matches_skimage_rag() -> None:
+    from skimage import graph, segmentation
+
+    from annotators.classical import _adjacency, _merge_below
+
+    image = np.asarray(scene(9, 3, 96)[0]).copy()
+    image += np.random.default_rng(0).integers(0, 40, image.shape, dtype=np.uint8)
+    fine = segmentation.felzenszwalb(image, scale=50, min_size=5)
+    pairs, weights = _adjacency(image, fine)
+    for threshold in (10.0, 30.0, 60.0):
+        ours = _merge_below(fine, pairs, weights, threshold)
+        theirs = graph.cut_threshold(fine, graph.rag_mean_color(image, fine), threshold, in_place=False)
+        # the same partition, up to the names of the labels
+        assert len(set(zip(ours.ravel(), theirs.ravel()))) == len(np.unique(ours)) == len(np.unique(theirs))
