@@ -63,7 +63,9 @@ def server() -> Iterator[FaultServer]:
 def test_mixed_faults_each_request_ends_once_and_counters_match(transport: str) -> None:
     config = FaultConfig(latency_s=0.002, fault_rate=0.2, seed=7, hang_s=5, slow_s=0.05)
     with serve_faults(config) as srv:
-        client = make_client([srv.base_url], transport=transport)
+        # A timeout well above any answer time on a loaded machine: only injected hangs time out,
+        # so every fault the server counts is one the client saw.
+        client = make_client([srv.base_url], transport=transport, timeout_s=2.0)
         requests = [text_request(f"region {i}", f"r{i}", TAGS_SCHEMA if i % 2 else None)
                     for i in range(300)]
         results = client.run_many(requests)
