@@ -13,7 +13,7 @@ import json
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
@@ -127,7 +127,6 @@ class Candidate:
     area: float
     rle: dict | None = None
     scores: dict[str, float] = field(default_factory=dict)
-    parent: int | None = None   # index of an enclosing candidate if the segmenter knows it
     source: str = ""            # e.g. "sam-auto", "given:boxes"
 
 
@@ -171,7 +170,6 @@ class CaptionInput:
     image: bytes                # encoded stored image (jpg/png)
     regions: list[RegionView]
     prompts: dict[str, dict[str, bytes]] = field(default_factory=dict)  # target id -> name -> PNG
-    image_stats: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -233,6 +231,18 @@ class Segmenter(Annotator):
     @abstractmethod
     def segment_batch(self, images: list[SegmentInput]) -> list[SegmentOutput | AnnotatorFailure]:
         """One answer per input, same order. A failure loses only that image."""
+
+    @staticmethod
+    def each_image(images: list[SegmentInput], one: Callable[[SegmentInput], SegmentOutput],
+                   reason: str) -> list[SegmentOutput | AnnotatorFailure]:
+        """``one`` on every image; an exception becomes that image's failure with ``reason``."""
+        out: list[SegmentOutput | AnnotatorFailure] = []
+        for item in images:
+            try:
+                out.append(one(item))
+            except Exception as exc:  # one bad image must not sink the batch
+                out.append(AnnotatorFailure(reason, f"{type(exc).__name__}: {exc}"))
+        return out
 
 
 class Captioner(Annotator):

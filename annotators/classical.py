@@ -45,13 +45,7 @@ class ClassicalSegmenter(Segmenter):
     Settings = ClassicalSettings
 
     def segment_batch(self, images: list[SegmentInput]) -> list[SegmentOutput | AnnotatorFailure]:
-        out: list[SegmentOutput | AnnotatorFailure] = []
-        for item in images:
-            try:
-                out.append(self._segment(item.rgb))
-            except Exception as exc:  # one bad image must not sink the batch
-                out.append(AnnotatorFailure("segmenter_error", f"{type(exc).__name__}: {exc}"))
-        return out
+        return self.each_image(images, lambda item: self._segment(item.rgb), "segmenter_error")
 
     def _levels(self, small: np.ndarray) -> list[np.ndarray]:
         from skimage import segmentation

@@ -92,13 +92,7 @@ class GivenSegmenter(Segmenter):
     Settings = GivenSettings
 
     def segment_batch(self, images: list[SegmentInput]) -> list[SegmentOutput | AnnotatorFailure]:
-        out: list[SegmentOutput | AnnotatorFailure] = []
-        for item in images:
-            try:
-                out.append(self._one(item))
-            except Exception as exc:
-                out.append(AnnotatorFailure("bad_annotations", f"{type(exc).__name__}: {exc}"))
-        return out
+        return self.each_image(images, self._one, "bad_annotations")
 
     def _one(self, item: SegmentInput) -> SegmentOutput:
         given = item.given or {}
@@ -120,15 +114,15 @@ class GivenSegmenter(Segmenter):
             if area == 0:
                 dropped["empty_mask"] = dropped.get("empty_mask", 0) + 1
                 continue
-            candidates.append(Candidate(rle.bbox(encoded), float(area), encoded, scores, None, source))
+            candidates.append(Candidate(rle.bbox(encoded), float(area), encoded, scores, source))
             if self.settings.boxes_from_masks:
                 box = rle.bbox(encoded)
-                candidates.append(Candidate(box, box[2] * box[3], None, scores, None, source + ":box"))
+                candidates.append(Candidate(box, box[2] * box[3], None, scores, source + ":box"))
         if self.settings.use_boxes:
             for box in given.get("boxes", []):
                 scaled = _rescale_box(box, sx, sy, width, height)
                 if scaled[2] <= 0 or scaled[3] <= 0:
                     dropped["empty_box"] = dropped.get("empty_box", 0) + 1
                     continue
-                candidates.append(Candidate(scaled, scaled[2] * scaled[3], None, {}, None, "given:boxes"))
+                candidates.append(Candidate(scaled, scaled[2] * scaled[3], None, {}, "given:boxes"))
         return SegmentOutput(candidates=candidates, dropped=dropped)

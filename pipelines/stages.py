@@ -240,7 +240,7 @@ class Caption(beam.DoFn):
 
     def process(self, batch: list[ImageItem]) -> Iterator[Any]:
         start = time.perf_counter()
-        inputs = [CaptionInput(i.ref.key, i.width, i.height, i.data, i.regions, i.prompts, i.image_stats)
+        inputs = [CaptionInput(i.ref.key, i.width, i.height, i.data, i.regions, i.prompts)
                   for i in batch]
         try:
             results = self.captioner.caption_batch(inputs)

@@ -54,7 +54,6 @@ class ImageItem:
     candidates: list[Any] = field(default_factory=list)      # annotators.base.Candidate
     segment_dropped: dict[str, int] = field(default_factory=dict)
     regions: list[Any] = field(default_factory=list)         # annotators.base.RegionView
-    image_stats: dict[str, Any] = field(default_factory=dict)
     prompts: dict[str, dict[str, bytes]] = field(default_factory=dict)
     captions: Any = None                                     # annotators.base.CaptionResult
     region_failures: list[Failure] = field(default_factory=list)

@@ -11,7 +11,7 @@ from pipelines.synthetic import scene
 
 
 def _candidates(objects):
-    return [Candidate(o["bbox"], float(o["area"]), o["mask"], {}, None, "given") for o in objects]
+    return [Candidate(o["bbox"], float(o["area"]), o["mask"], {}, "given") for o in objects]
 
 
 def _scene_with_part(start: int = 0):
@@ -47,11 +47,11 @@ def test_duplicates_merge_and_filters_count() -> None:
     ys, xs = np.nonzero(near)
     near[ys[0], xs[0]] = False   # one pixel less: a near-duplicate
     enc = masks.encode(near)
-    cands.append(Candidate(masks.bbox(enc), float(masks.area(enc)), enc, {"predicted_iou": 0.1}, None, "x"))
+    cands.append(Candidate(masks.bbox(enc), float(masks.area(enc)), enc, {"predicted_iou": 0.1}, "x"))
     tiny = np.zeros(rgb.shape[:2], bool)
     tiny[0, 0] = True
     enc = masks.encode(tiny)
-    cands.append(Candidate(masks.bbox(enc), 1.0, enc, {}, None, "x"))
+    cands.append(Candidate(masks.bbox(enc), 1.0, enc, {}, "x"))
     views, dropped = select_regions(cands, rgb, RegionSettings(min_area_frac=0.001))
     assert dropped == {"duplicate": 1, "too_small": 1}
     assert sum(v.level == "pixel" for v in views) == len(objects)
