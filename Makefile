@@ -64,3 +64,11 @@ bench: $(VENV)/.stamp-all
 
 clean:
 	rm -rf out .pytest_cache
+
+# The build on Beam's portable runner with SDK_WORKERS external SDK worker processes (the
+# execution model of Flink, Spark and Dataflow Runner v2): tools/portable_run.py starts a worker
+# pool on a free port, runs the build against it and always stops the pool and its workers.
+SDK_WORKERS ?= 2
+.PHONY: build-dataset-portable
+build-dataset-portable: $(BUILD_STAMP) $(BUILD_SERVER)
+	$(PY) tools/portable_run.py --sdk-workers $(SDK_WORKERS) -- --input '$(INPUT)' --output '$(OUTPUT)' $(if $(CONFIG),--config '$(CONFIG)') $(ARGS)

@@ -3,6 +3,12 @@
 An annotator is one module: a settings dataclass validated on construction, ``setup()`` for
 loading (called once per worker), a batch method for work, and one entry in
 ``annotators.registry``. Nothing here imports a heavy library.
+
+Settings are of two kinds. Most change what the annotator writes (model, prompts, thresholds,
+seed, ...) and go into the build's settings hash. *Run settings* only change how the work is done
+(endpoints, timeouts, retries, batch sizes, server lifecycle); a settings class lists them in
+``RUN_ONLY`` (collected over its base classes), or defines ``hash_view()`` when its hashed part is
+more than a subset of its fields. A field not listed is hashed, so a new field is safe by default.
 """
 from __future__ import annotations
 
@@ -93,6 +99,31 @@ def require(condition: bool, field_name: str, message: str) -> None:
     """Raise ConfigError('<field>: <message>') unless ``condition`` holds (for ``check()``)."""
     if not condition:
         raise ConfigError(f"{field_name}: {message}")
+
+
+def run_only_fields(cls: type) -> frozenset[str]:
+    """The fields of dataclass ``cls`` declared run-only: ``RUN_ONLY`` of it and its bases."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        names |= set(vars(klass).get("RUN_ONLY", ()))
+    unknown = names - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"{cls.__name__}.RUN_ONLY names no field: {sorted(unknown)}")
+    return frozenset(names)
+
+
+def hashed_fields(settings: Any) -> dict[str, Any]:
+    """Every field of dataclass ``settings`` except its run-only ones, as plain data."""
+    run_only = run_only_fields(type(settings))
+    return {name: value for name, value in dataclasses.asdict(settings).items()
+            if name not in run_only}
+
+
+def hashed_view(settings: Any) -> dict[str, Any]:
+    """What of ``settings`` goes into the settings hash: its ``hash_view()`` if it has one,
+    else ``hashed_fields``."""
+    own = getattr(settings, "hash_view", None)
+    return own() if callable(own) else hashed_fields(settings)
 
 
 def stable_hash(obj: Any) -> str:
@@ -216,6 +247,11 @@ class Annotator(ABC):
 
     def teardown(self) -> None:
         """Release resources (servers, GPU memory). Called once per worker at the end."""
+
+    def hash_view(self) -> dict[str, Any]:
+        """Name, version and the settings that change this annotator's output (the part of the
+        build's settings hash that belongs to it; see the module docstring)."""
+        return {"name": self.name, "version": self.version, "settings": hashed_view(self.settings)}
 
     def provenance(self) -> dict[str, Any]:
         """Name, version and every setting; goes into each record this annotator touches."""

@@ -34,10 +34,19 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence
 
-from annotators.base import AnnotatorFailure, ConfigError, parse_settings, require
-from annotators.vllm import DEFAULT_CLIENT, VllmCaptioner, load_program
+from annotators.base import (
+    AnnotatorFailure,
+    CaptionInput,
+    CaptionResult,
+    ConfigError,
+    hashed_fields,
+    parse_settings,
+    require,
+)
+from annotators.shared import SharedModel
+from annotators.vllm import DEFAULT_CLIENT, VllmCaptioner, load_program, program_hash_view
 from annotators.vllm_client import (
     ANSWER_REASONS,
     AnswerChecks,
@@ -94,6 +103,11 @@ class LocalClientSettings:
     answer_retry_temperature: float | None = 0.5
     allow_truncated: bool = False            # keep free text cut at the token limit
 
+    # Chunk size of generation (which requests share a chunk already depends on how the runner
+    # batches images) and whether weights may be fetched (``model`` names them, and is hashed).
+    # device and dtype stay hashed: they change the arithmetic and so, at times, the text.
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"batch_size", "allow_download"})
+
     def check(self) -> None:
         """Reject values that cannot work, naming the field and the fix."""
         require(bool(self.model), "model", "give a local model folder (saved model + processor) "
@@ -135,6 +149,22 @@ class TransformersSettings(LocalClientSettings):
 
     program: str = "umg"
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # One loaded model per machine for all SDK processes (annotators.shared); worth it on a GPU.
+    share_across_processes: bool = False
+
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"share_across_processes"})
+
+    def hash_view(self) -> dict[str, Any]:
+        """The hashed settings: the default client's output settings, the program's content, and
+        the output settings of every named client the program uses (defaults filled in)."""
+        view = hashed_fields(self)
+        program = load_program(self.program)
+        view["program"] = program_hash_view(program)
+        view["clients"] = {
+            name: hashed_fields(parse_settings(LocalClientSettings, self.client_values(name),
+                                               f"clients.{name}"))
+            for name in sorted(program.clients() - {DEFAULT_CLIENT})}
+        return view
 
     def check(self) -> None:
         """Check the client settings, load the program and validate every named client."""
@@ -504,9 +534,15 @@ class TransformersCaptioner(VllmCaptioner):
         super().__init__(settings, where)
         self.where = where or self.role
         self.clients: dict[str, LocalChatClient] = {}  # type: ignore[assignment]
+        self.shared_model: SharedModel | None = None   # share_across_processes: the owner's
 
     def setup(self) -> None:
-        """Load one local client (processor + model) per client name the program uses."""
+        """Load one local client (processor + model) per client name the program uses (per
+        worker, or per machine with share_across_processes)."""
+        if self.settings.share_across_processes:
+            if self.shared_model is None:
+                self.shared_model = SharedModel(self, self.where).open()
+            return
         for name in sorted({DEFAULT_CLIENT} | self.program.clients()):
             if name not in self.clients:
                 where = self.where if name == DEFAULT_CLIENT else f"{self.where}.clients.{name}"
@@ -516,6 +552,20 @@ class TransformersCaptioner(VllmCaptioner):
         log.info("transformers captioner ready: program %s v%s (%s), clients %s",
                  self.program.id, self.program.version, self.program.hash,
                  list(self.clients.values()))
+
+    def teardown(self) -> None:
+        """Unload the models (or give back the machine's shared copy)."""
+        shared_model, self.shared_model = self.shared_model, None
+        if shared_model is not None:
+            shared_model.close()
+        super().teardown()
+
+    def caption_batch(self, items: list[CaptionInput]) -> list[CaptionResult]:
+        if self.settings.share_across_processes:
+            self.setup()
+            assert self.shared_model is not None
+            return self.shared_model.call("caption_batch", items)
+        return super().caption_batch(items)
 
     def _build_provenance(self) -> dict[str, Any]:
         """Name, version, backend, model, transformers version, dtype, device, program, clients."""

@@ -11,18 +11,25 @@ The server must never outlive the pipeline:
   thread is a module-level spawn thread that lives as long as the interpreter (Beam runs
   ``DoFn.setup`` in pool threads that may end earlier, which would kill the server too soon).
 * A module-level registry and an ``atexit`` hook stop every server still running; the pipeline
-  driver also calls ``stop_all()`` in a ``finally``.
+  driver also calls ``stop_all()`` in a ``finally``. Every server also leaves a record (see
+  ``annotators.shared``), so the driver's ``stop_all()`` stops servers started by its worker
+  processes too, and only those.
 
-``acquire``/``release`` share one server among the captioner instances of a process that ask for
-the same settings (Beam may build several DoFn instances per worker; a GPU holds one server).
+``acquire``/``release`` share one server among everyone on the machine that asks for the same
+server (command, environment, port): the DoFn instances of a process and the SDK processes of a
+machine (Dataflow: one per vCPU; ``--workers N`` locally). The first process to ask owns the
+server; the others reach it through ``apache_beam.utils.multi_process_shared`` and keep their own
+HTTP clients pointed at its URL (``annotators.shared``). ``share_across_processes: false`` keeps
+one server per process.
 """
 from __future__ import annotations
 
 import atexit
 import concurrent.futures
-import ctypes
+import errno
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,8 +41,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Mapping
+from typing import IO, Any, ClassVar, Mapping
 
+from annotators import shared
 from annotators.base import parse_settings, require, stable_hash
 
 log = logging.getLogger(__name__)
@@ -67,6 +75,17 @@ class ServerSettings:
     env: dict[str, str] = field(default_factory=dict)   # added to the inherited environment
     cwd: str | None = None
     log_path: str = ""                    # server stdout+stderr; "" -> a file in the temp dir
+    # One server per machine for all SDK processes asking for the same command/env/port
+    # (annotators.shared); false: one per process.
+    share_across_processes: bool = True
+
+    # Lifecycle, address and logs. ``command`` stays hashed: it names the weights and the serving
+    # flags (dtype, quantization, context length) that change what the model writes, while the
+    # captioner's ``model`` is only the served name. ``env`` holds machine settings and
+    # credentials; serving choices that change answers belong in the command.
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({
+        "port", "host", "api_path", "ready_paths", "ready_timeout_s", "poll_interval_s",
+        "max_restarts", "stop_grace_s", "env", "cwd", "log_path", "share_across_processes"})
 
     def check(self) -> None:
         """Reject values that cannot work, naming the field and the fix."""
@@ -90,11 +109,34 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: ask Linux to SIGTERM this child when the thread that started it ends."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+# Runs first in the child: asks Linux to SIGTERM it when the thread that started it ends, then
+# becomes the server (exec keeps that setting). Not a ``preexec_fn``: that makes Python fork()
+# instead of vfork(), and in a Beam SDK worker gRPC's at-fork handlers then restart threads in the
+# child that can abort it ("epoll_wait error: Bad file descriptor") before the server runs.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True)"
+    f".prctl({_PR_SET_PDEATHSIG}, int(signal.SIGTERM), 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit('managed server: the pipeline process ended before the server started')\n"
+    "os.execv(sys.argv[2], sys.argv[3:])\n"
+)
+
+
+def _dying_with_parent(argv: list[str], env: Mapping[str, str], cwd: str | None) -> list[str]:
+    """``argv`` started through ``_DIE_WITH_PARENT`` (Linux); OSError if its program cannot run.
+    The program is looked up as execvp would (PATH of ``env``; a relative path from ``cwd``)."""
+    if not sys.platform.startswith("linux"):
+        return argv
+    program = argv[0]
+    if os.sep in program:
+        program = os.path.join(cwd or os.getcwd(), program)
+        found = program if os.path.isfile(program) and os.access(program, os.X_OK) else None
+    else:
+        found = shutil.which(program, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, "no such executable file", argv[0])
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), found, *argv]
 
 
 # One long-lived thread starts every server (see the module docstring on PDEATHSIG).
@@ -172,6 +214,7 @@ class ManagedServer:
             log.warning("managed server died (exit code %s); restart %d of %d", code,
                         self.restarts, self.settings.max_restarts)
             self._close_log()
+            shared.forget_server(self.process.pid)
             self.process = None
             self.start()
 
@@ -181,6 +224,7 @@ class ManagedServer:
             process, self.process = self.process, None
             if process is not None:
                 _terminate_group(process, self.settings.stop_grace_s)
+                shared.forget_server(process.pid)
                 log.info("managed server (pid %s) stopped", process.pid)
             self._close_log()
             _unregister(self)
@@ -205,9 +249,9 @@ class ManagedServer:
         log.info("starting managed server: %s (log %s)", " ".join(argv), self.log_path)
 
         def spawn() -> subprocess.Popen[bytes]:
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
-                                    stderr=subprocess.STDOUT, env=env, cwd=s.cwd,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+            return subprocess.Popen(_dying_with_parent(argv, env, s.cwd), stdin=subprocess.DEVNULL,
+                                    stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                    cwd=s.cwd, start_new_session=True)
 
         try:
             self.process = _SPAWNER.submit(spawn).result()
@@ -215,6 +259,7 @@ class ManagedServer:
             self._close_log()
             raise ServerError(f"server.command: cannot run {argv[0]!r}: {exc}; check the "
                               f"command and its working directory") from exc
+        shared.record_server(self)
 
     def _wait_ready(self) -> None:
         s = self.settings
@@ -306,7 +351,8 @@ def running() -> list[ManagedServer]:
 
 
 def stop_all() -> None:
-    """Stop every managed server of this process (also run at interpreter exit)."""
+    """Stop every managed server of this process, and every server started by a process below
+    it (the SDK worker processes of a local run), shared ones included. Also run at exit."""
     with _REGISTRY_LOCK:
         servers = list(_RUNNING.values())
         _SHARED.clear()
@@ -315,13 +361,22 @@ def stop_all() -> None:
             server.stop()
         except Exception:   # keep stopping the others
             log.exception("stopping %r failed", server)
+    shared.reset_hosted()
+    try:
+        shared.stop_started_below()
+    except Exception:
+        log.exception("stopping managed servers of worker processes failed")
 
 
 atexit.register(stop_all)
 
 
-def acquire(settings: ServerSettings) -> ManagedServer:
-    """The running server for ``settings`` in this process, started if needed (ref-counted)."""
+def acquire(settings: ServerSettings) -> "ManagedServer | shared.SharedServerHandle":
+    """The running server for ``settings``, started if needed (ref-counted; give it back with
+    ``release``): the machine's shared one (a ``SharedServerHandle``), or with
+    ``share_across_processes: false`` this process's own ``ManagedServer``."""
+    if settings.share_across_processes:
+        return shared.SharedServerHandle(settings).open()
     key = stable_hash(settings)
     with _REGISTRY_LOCK:
         server, users = _SHARED.get(key, (None, 0))
@@ -332,13 +387,16 @@ def acquire(settings: ServerSettings) -> ManagedServer:
         return server
 
 
-def release(server: ManagedServer) -> None:
-    """Give back a server from ``acquire``; the last user stops it."""
+def release(server: "ManagedServer | shared.SharedServerHandle") -> None:
+    """Give back a server from ``acquire``; the last user (on the machine, if shared) stops it."""
+    if isinstance(server, shared.SharedServerHandle):
+        server.close()
+        return
     with _REGISTRY_LOCK:
-        for key, (shared, users) in list(_SHARED.items()):
-            if shared is server:
+        for key, (mine, users) in list(_SHARED.items()):
+            if mine is server:
                 if users > 1:
-                    _SHARED[key] = (shared, users - 1)
+                    _SHARED[key] = (mine, users - 1)
                     return
                 del _SHARED[key]
                 break

@@ -35,6 +35,7 @@ from segment_anything.modeling import (
 from segment_anything.utils.amg import MaskData
 
 from annotators import masks
+from annotators.shared import SharedModel
 from annotators.base import (
     AnnotatorFailure,
     Candidate,
@@ -78,6 +79,10 @@ class SamModelSettings:
     device: str = "auto"                     # auto | cpu | cuda | cuda:N
     bf16: bool = False                       # bf16 autocast on CUDA (ignored on CPU)
     compile_encoder: bool = False            # torch.compile the image encoder
+    # One loaded model per machine for all SDK processes (annotators.shared); worth it on a GPU.
+    share_across_processes: bool = False
+
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"share_across_processes"})
 
     def check(self) -> None:
         """Validate values; raise ConfigError naming the field."""
@@ -114,6 +119,11 @@ class SamAutoSettings(SamModelSettings):
     min_mask_region_area: int = 0
     fast: bool = False                       # the project's batched, device-side generator
     encoder_batch: int = 4                   # fast path: images per image-encoder call
+
+    # How many point prompts / images go through the model at once: each mask is computed per
+    # point and each embedding per image, so these change memory and speed, not the masks.
+    # (device, bf16, compile_encoder and fast stay hashed: they change the arithmetic.)
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"points_per_batch", "encoder_batch"})
 
     def check(self) -> None:
         """Validate values; raise ConfigError naming the field."""
@@ -255,11 +265,17 @@ class _SamSegmenter(Segmenter):
         self.model: Sam | None = None
         self.predictor: SamPredictor | None = None
         self._sha256: str | None = self.settings.checkpoint_sha256
+        self.shared_model: SharedModel | None = None   # share_across_processes: the owner's
 
     # -- loading
 
     def setup(self) -> None:
-        """Load the model once (per worker) onto the configured device."""
+        """Load the model once (per worker, or per machine with share_across_processes) onto the
+        configured device."""
+        if self.settings.share_across_processes:
+            if self.shared_model is None:
+                self.shared_model = SharedModel(self, self.where).open()
+            return
         if self.model is not None:
             return
         try:
@@ -301,6 +317,9 @@ class _SamSegmenter(Segmenter):
 
     def teardown(self) -> None:
         """Drop the model and free GPU memory."""
+        shared_model, self.shared_model = self.shared_model, None
+        if shared_model is not None:
+            shared_model.close()
         self.model = None
         self.predictor = None
         if torch.cuda.is_available():
@@ -309,7 +328,8 @@ class _SamSegmenter(Segmenter):
     # -- provenance
 
     def provenance(self) -> dict[str, Any]:
-        """Name, version, model, weights (file name + sha256, or seed), library, device, settings."""
+        """Name, version, model, weights (file name + sha256, or seed), library, device, the dtype
+        the model runs at (bfloat16 only with ``bf16`` on CUDA, else float32), settings."""
         s = self.settings
         checkpoint = os.path.basename(s.checkpoint.rstrip("/")) if s.checkpoint else None
         return {
@@ -321,6 +341,8 @@ class _SamSegmenter(Segmenter):
             "weights": self._weights(),
             "segment_anything_version": segment_anything_version(),
             "device": self._device_name(),
+            "dtype": ("bfloat16" if s.bf16 and self._device_name().startswith("cuda")
+                      else "float32"),
             "settings": dataclasses.asdict(s),
         }
 
@@ -352,6 +374,8 @@ class _SamSegmenter(Segmenter):
     def segment_batch(self, images: list[SegmentInput]) -> list[SegmentOutput | AnnotatorFailure]:
         """One SegmentOutput (or AnnotatorFailure) per image, same order."""
         self.setup()
+        if self.shared_model is not None:
+            return self.shared_model.call("segment_batch", images)
         return [self._segment_safely(item) for item in images]
 
     def _segment_safely(self, item: SegmentInput) -> SegmentOutput | AnnotatorFailure:
@@ -431,6 +455,8 @@ class SamAutoSegmenter(_SamSegmenter):
         """Fast path: the image encoder runs on ``encoder_batch`` images at a time; the point
         prompts of each image then reuse its embedding. Stock path: one image at a time."""
         self.setup()
+        if self.shared_model is not None:
+            return self.shared_model.call("segment_batch", images)
         if not self.settings.fast:
             return super().segment_batch(images)
         out: list[SegmentOutput | AnnotatorFailure] = []

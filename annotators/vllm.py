@@ -38,7 +38,7 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import yaml
 
@@ -52,6 +52,8 @@ from annotators.base import (
     ConfigError,
     RegionView,
     TextOut,
+    hashed_fields,
+    hashed_view,
     parse_settings,
     require,
     stable_hash,
@@ -64,6 +66,7 @@ PROGRAM_DIR = Path(__file__).resolve().parent / "programs"
 LEVELS: tuple[str, ...] = ("image", "region", "pixel")
 WHOLE_IMAGE = "image"
 DEFAULT_CLIENT = "default"
+MANAGED_URL = "http://managed/v1"   # stands in for the managed server's URL before it starts
 SPECIAL_STEPS: tuple[str, ...] = ("caption", "long_caption", "tags", "judge")
 TARGET_FIELDS: tuple[str, ...] = ("width", "height", "level", "bbox", "bbox_xyxy", "bbox_norm",
                                   "area_pct", "size", "position")
@@ -154,6 +157,23 @@ def parse_program(data: Any, source: str = "<dict>") -> Program:
                "steps": {lv: [dataclasses.asdict(s) for s in st] for lv, st in steps.items()}}
     return Program(content["id"], content["version"], content["system"], prompts, steps,
                    stable_hash(content), source)
+
+
+def resolved_visual_prompts(program: Program) -> dict[str, list[dict[str, Any]]]:
+    """Every visual prompt of ``program`` per level: name, kind, renderer version, parameters
+    with defaults filled in."""
+    from annotators import visual_prompts as vp
+
+    return {level: [{"name": s["name"], **vp.spec_provenance(
+        s["kind"], {k: v for k, v in s.items() if k not in ("name", "kind")})} for s in items]
+        for level, items in program.visual_prompts.items()}
+
+
+def program_hash_view(program: Program) -> dict[str, Any]:
+    """What of a program changes captions: its content hash (not the file's name or path) and
+    its visual prompts as rendered (renderer version and default parameters included)."""
+    return {"id": program.id, "version": program.version, "hash": program.hash,
+            "visual_prompts": resolved_visual_prompts(program)}
 
 
 def _parse_visual_prompts(raw: Any, where: str) -> dict[str, list[dict[str, Any]]]:
@@ -256,6 +276,26 @@ class VllmSettings:
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)
     server: dict[str, Any] | None = None
 
+    # Where the server is; the clients' and the server's own run settings are left out in
+    # hash_view (ClientSettings.RUN_ONLY, ServerSettings.RUN_ONLY).
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"endpoints"})
+
+    def hash_view(self) -> dict[str, Any]:
+        """The hashed settings: model, the program's content, the output settings of every
+        client the program uses (defaults filled in), the server's command."""
+        view = hashed_fields(self)
+        program = load_program(self.program)
+        view["program"] = program_hash_view(program)
+        del view["client"]
+        view["clients"] = {
+            name: scrub_secrets(hashed_view(parse_settings(
+                ClientSettings, self.client_values(name, MANAGED_URL), name)))
+            for name in sorted({DEFAULT_CLIENT} | program.clients())}
+        if self.server is not None:
+            view["server"] = hashed_view(
+                parse_settings(managed_server.ServerSettings, self.server, "server"))
+        return view
+
     def check(self) -> None:
         """Load the program and validate every client and the server settings."""
         require(bool(self.model), "model", "name the served model (vLLM --served-model-name)")
@@ -271,7 +311,7 @@ class VllmSettings:
         require(not missing, "clients", f"the program's steps use client(s) {missing}; add them "
                 "under 'clients' (each a mapping of client settings)")
         for name in [DEFAULT_CLIENT, *self.clients]:
-            parse_settings(ClientSettings, self.client_values(name, "http://managed/v1"),
+            parse_settings(ClientSettings, self.client_values(name, MANAGED_URL),
                            f"clients.{name}" if name != DEFAULT_CLIENT else "client")
 
     def client_values(self, name: str, server_url: str | None) -> dict[str, Any]:
@@ -352,7 +392,10 @@ class VllmCaptioner(Captioner):
         super().__init__(settings, where)
         self.program: Program = load_program(self.settings.program)
         self.clients: dict[str, VllmChatClient] = {}
-        self.server: managed_server.ManagedServer | None = None
+        # the managed server: this process's own, or a handle on the machine's shared one
+        self.server: managed_server.ManagedServer | managed_server.shared.SharedServerHandle \
+            | None = None
+        self._server_url: str | None = None       # the URL the clients were built for
         self._provenance: dict[str, Any] | None = None
 
     def prompt_specs(self) -> dict[str, list[dict[str, Any]]]:
@@ -370,6 +413,7 @@ class VllmCaptioner(Captioner):
             url = self.server.base_url
         elif self.server is not None:
             url = self.server.base_url
+        self._server_url = url
         for name in sorted({DEFAULT_CLIENT} | self.program.clients()):
             if name not in self.clients:
                 where = "client" if name == DEFAULT_CLIENT else f"clients.{name}"
@@ -380,12 +424,15 @@ class VllmCaptioner(Captioner):
 
     def teardown(self) -> None:
         """Close the clients and give back the managed server."""
-        for client in self.clients.values():
-            client.teardown()
-        self.clients = {}
+        self._close_clients()
         server, self.server = self.server, None
         if server is not None:
             managed_server.release(server)
+
+    def _close_clients(self) -> None:
+        for client in self.clients.values():
+            client.teardown()
+        self.clients = {}
 
     def provenance(self) -> dict[str, Any]:
         """Name, version, model, program id/version/hash, visual prompts, client settings.
@@ -399,11 +446,7 @@ class VllmCaptioner(Captioner):
 
     def _visual_prompt_provenance(self) -> dict[str, list[dict[str, Any]]]:
         """Every visual prompt of the program with its parameters resolved, per level."""
-        from annotators import visual_prompts as vp
-
-        return {level: [{"name": s["name"], **vp.spec_provenance(
-            s["kind"], {k: v for k, v in s.items() if k not in ("name", "kind")})} for s in items]
-            for level, items in self.program.visual_prompts.items()}
+        return resolved_visual_prompts(self.program)
 
     def _build_provenance(self) -> dict[str, Any]:
         p = self.program
@@ -411,7 +454,7 @@ class VllmCaptioner(Captioner):
         clients = {}
         for name in sorted({DEFAULT_CLIENT} | p.clients()):
             values = parse_settings(
-                ClientSettings, self.settings.client_values(name, "http://managed/v1"), name)
+                ClientSettings, self.settings.client_values(name, MANAGED_URL), name)
             plain = dataclasses.asdict(values)
             plain.pop("api_key_env", None)
             plain.pop("refusal_phrases", None)
@@ -432,6 +475,10 @@ class VllmCaptioner(Captioner):
             self.setup()
         if self.server is not None:
             self.server.ensure_running()
+            if self.server.base_url != self._server_url:
+                # a shared server whose owner process ended was started again elsewhere
+                self._close_clients()
+                self.setup()
         targets = self._targets(items)
         depth = max(len(steps) for steps in self.program.steps.values())
         for index in range(depth):

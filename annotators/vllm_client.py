@@ -42,7 +42,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -106,6 +106,15 @@ class ClientSettings:
     # Keep free-text answers cut at max_tokens instead of failing them. Only for models that
     # never stop on their own (randomly initialised test models); structured answers still fail.
     allow_truncated: bool = False
+
+    # Where requests go and how hard the client tries: none of it reaches an answer that is kept.
+    # Timeouts and retries of transient faults only decide whether an image is redone by a later
+    # run. Everything from image_max_pixels on (what the model sees, sampling, answer checks and
+    # re-asks) changes captions or which answers are rejected, so it is hashed.
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({
+        "endpoints", "api_key_env", "max_in_flight", "balance", "endpoint_fail_threshold",
+        "endpoint_cooldown_s", "transport", "quiet_http_logs", "timeout_s", "max_retries",
+        "backoff_base_s", "backoff_max_s"})
 
     def check(self) -> None:
         """Reject values that cannot work, naming the field and the fix."""

@@ -45,8 +45,17 @@ from airflow.sdk import DAG, Param, get_current_context, task
 
 LOG = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
-# What publish copies, relative to the output directory; manifest.json last on purpose.
-PUBLISHED = ("index/images.parquet", "index/regions.parquet", "README.md", "manifest.json")
+# What publish copies, relative to the output directory: the per-shard index and failures files,
+# then the card, and manifest.json last on purpose.
+PUBLISHED_DIRS = ("index/images", "index/regions", "failures")
+PUBLISHED_FILES = ("README.md", "manifest.json")
+
+
+def published_names(source: Path) -> list[str]:
+    """Relative paths publish copies from ``source``, in copy order."""
+    tables = sorted(p.relative_to(source).as_posix() for folder in PUBLISHED_DIRS
+                    for p in (source / folder).glob("*.parquet"))
+    return tables + list(PUBLISHED_FILES)
 
 
 def _default(name: str, fallback: str) -> str:
@@ -129,11 +138,16 @@ def check_manifest(manifest: dict[str, Any]) -> dict[str, int]:
     """The manifest's counts, checked to add up; raises ValueError when they do not or are empty."""
     counts = manifest.get("counts") or {}
     try:
-        inputs, written, failed = (int(counts[k]) for k in ("inputs", "written", "failed"))
+        inputs, written, failed, in_shards, waiting = (
+            int(counts[k]) for k in ("inputs", "written", "failed", "in_shards", "awaiting_retry"))
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"manifest.json: counts must hold integers inputs/written/failed ({exc})") from exc
-    if inputs != written + failed:
-        raise ValueError(f"manifest.json: inputs {inputs} != written {written} + failed {failed}")
+        raise ValueError(f"manifest.json: counts must hold integers inputs/written/failed/in_shards/"
+                         f"awaiting_retry ({exc})") from exc
+    if waiting:
+        raise ValueError(f"manifest.json: {waiting} inputs failed transiently and await a retry; "
+                         "rerun the build task before publishing")
+    if in_shards != written + failed:
+        raise ValueError(f"manifest.json: in_shards {in_shards} != written {written} + failed {failed}")
     if written < 1:
         raise ValueError(f"manifest.json: no records written ({failed} of {inputs} inputs failed); "
                          "nothing to publish")
@@ -145,12 +159,12 @@ def publish_output(output: str, publish_dir: str) -> dict[str, Any]:
     source, target = _local(output), _local(publish_dir)
     if source.resolve() == target.resolve():
         raise ValueError(f"publish_dir '{publish_dir}' is the output directory itself")
-    missing = [name for name in PUBLISHED if not (source / name).is_file()]
+    missing = [name for name in PUBLISHED_FILES + PUBLISHED_DIRS[:2] if not (source / name).exists()]
     if missing:
         raise FileNotFoundError(f"{source}: missing {', '.join(missing)}; was the build complete?")
     counts = check_manifest(json.loads((source / "manifest.json").read_text()))
     files: dict[str, str] = {}
-    for name in PUBLISHED:
+    for name in published_names(source):
         destination = target / name
         destination.parent.mkdir(parents=True, exist_ok=True)
         partial = destination.with_name(destination.name + ".partial")

@@ -1,11 +1,16 @@
 """Build a multi-granularity image–text dataset: the whole flow, left to right.
 
-    ReadImages → DropDuplicates → DecodeImages → Segment → SelectRegions → RenderPrompts
-    → Caption → Assemble → WriteShards            (+ every stage's failures → failures table)
+    ReadInputs → PlanInputs → DropDuplicates → ReadImages → DecodeImages → Segment
+    → SelectRegions → RenderPrompts → Caption → Assemble → FailureBudget → WriteShards
+                                                     (+ every stage's failures → failures table)
+
+Inputs are read by workers; PlanInputs skips what earlier runs settled and gives each new input a
+shard from its key alone (see pipelines/layout.py), so reruns only add shards. Shard stats are
+summed in the pipeline into ``_work/summary.json``, from which the driver writes the manifest.
 
 Usage:
     python -m pipelines.build_dataset --input samples --output out/dataset [--config cfg.yaml]
-        [--workers N] [any Apache Beam flag, e.g. --runner=DataflowRunner --project=...]
+        [--workers N] [--prune-vanished] [any Apache Beam flag, e.g. --runner=DataflowRunner ...]
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import apache_beam as beam
@@ -20,77 +26,114 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from annotators.base import ConfigError
 from annotators.registry import build_captioner, build_segmenter
-from pipelines import finalize, sources, stages, writer
+from pipelines import finalize, stages, writer
+from pipelines import layout as lay
+from pipelines.budget import MARKER, BudgetExceeded, FailureBudget
 from pipelines.config import PIPELINE_VERSION, PipelineConfig, load_config
-from pipelines.types import ImageRef
+from pipelines.plan import DropDuplicates, PlanInputs
+from pipelines.sources import ReadInputs
 
 LOG = logging.getLogger("build_dataset")
 
 
-class WriteShards(beam.PTransform):
-    """Outcomes (records and failures) → one tar + parts per shard, grouped by shard name."""
+class RunFailed(RuntimeError):
+    """The run finished or stopped without a usable dataset (non-zero exit)."""
 
-    def __init__(self, output: str, settings_hash: str) -> None:
+
+@dataclass
+class Plan:
+    """What the driver decided before any work: settings, layout, output."""
+
+    input_spec: str
+    output: str
+    config: PipelineConfig
+    layout: lay.Layout | None     # None on a first run: the pipeline counts the inputs
+    provenance: dict[str, Any]
+    run_id: str
+    prune: bool
+
+
+class WriteShards(beam.PTransform):
+    """Outcomes → staged files → one shard written per shard name (only names are grouped)."""
+
+    def __init__(self, plan: Plan, buckets: beam.PCollection, unfinished: beam.PCollection) -> None:
         super().__init__()
-        self.output = output
-        self.settings_hash = settings_hash
+        self.plan, self.buckets, self.unfinished = plan, buckets, unfinished
 
     def expand(self, outcomes: beam.PCollection) -> beam.PCollection:
-        output, settings_hash = self.output, self.settings_hash
-        return (outcomes
-                | "ByShard" >> beam.Map(lambda o: (o.shard, o))
+        plan = self.plan
+        out, settings_hash, split = plan.output, plan.config.settings_hash(), plan.config.shards.split
+
+        def write(grouped: tuple[str, Any], buckets: int) -> dict[str, Any]:
+            return writer.write_shard(out, grouped[0], settings_hash, lay.Layout(buckets, split, settings_hash))
+
+        staged = outcomes | "Stage" >> beam.ParDo(writer.StageOutcomes(out, plan.run_id))
+        return ((staged, self.unfinished) | "AllShardWork" >> beam.Flatten()
                 | "GroupShards" >> beam.GroupByKey()
-                | "Write" >> beam.MapTuple(
-                    lambda shard, items: writer.write_shard(output, shard, items, settings_hash)))
+                | "Write" >> beam.Map(write, beam.pvalue.AsSingleton(self.buckets)))
 
 
-class FindDuplicates(beam.PTransform):
-    """(sha256, key) of every read input, plus those of already complete shards → AsDict-able
-    (loser key, keeper key) pairs: the smallest key of each sha256 keeps the image."""
-
-    def __init__(self, known_hashes: dict[str, str], enabled: bool) -> None:
-        super().__init__()
-        self.known = sorted((h, k) for k, h in known_hashes.items())
-        self.enabled = enabled
-
-    def expand(self, items: beam.PCollection) -> beam.PCollection:
-        if not self.enabled:
-            return items.pipeline | "NoDedup" >> beam.Create([])
-        new = items | "Hashes" >> beam.Map(lambda i: (i.sha256, i.ref.key))
-        old = items.pipeline | "KnownHashes" >> beam.Create(self.known)
-        return ((new, old) | "AllHashes" >> beam.Flatten()
-                | "BySha" >> beam.GroupByKey()
-                | "Losers" >> beam.FlatMap(stages.duplicate_losers))
-
-
-def build(pipeline: beam.Pipeline, refs: list[ImageRef], config: PipelineConfig, output: str,
-          known_hashes: dict[str, str], provenance: dict[str, Any]) -> None:
-    """Add the dataset flow for ``refs`` to ``pipeline``."""
+def build(pipeline: beam.Pipeline, plan: Plan) -> None:
+    """Add the dataset flow to ``pipeline``."""
+    config = plan.config
     rejected: list[beam.PCollection] = []
 
-    def stage(items: beam.PCollection, name: str, dofn: beam.DoFn, *side: Any) -> beam.PCollection:
-        out = items | name >> beam.ParDo(dofn, *side).with_outputs(stages.FAILED, main="ok")
+    def stage(items: beam.PCollection, name: str, dofn: beam.DoFn) -> beam.PCollection:
+        out = items | name >> beam.ParDo(dofn).with_outputs(stages.FAILED, main="ok")
         rejected.append(out[stages.FAILED])
         return out.ok
 
     def batches(size: int) -> beam.BatchElements:
         return beam.BatchElements(min_batch_size=1, max_batch_size=size)
 
-    items = pipeline | "Inputs" >> beam.Create(refs, reshuffle=True)
-    items = stage(items, "ReadImages", stages.ReadImages(config))
-    losers = items | "FindDuplicates" >> FindDuplicates(known_hashes, config.decode.dedup)
-    items = stage(items, "DropDuplicates", stages.DropDuplicates(), beam.pvalue.AsDict(losers))
+    refs = pipeline | "ReadInputs" >> ReadInputs(plan.input_spec)
+    planned = refs | "PlanInputs" >> PlanInputs(
+        plan.output, config.shards.split, config.shards.samples_per_shard,
+        plan.layout.buckets if plan.layout else None, plan.prune)
+    rejected.append(planned["failed"])
+    new = planned["new"]
+    if config.decode.dedup:
+        kept = new | "DropDuplicates" >> DropDuplicates(planned["members"], config.decode.max_bytes)
+        rejected.append(kept["failed"])
+        new = kept["ok"]
+    items = stage(new | "Spread" >> beam.Reshuffle(), "ReadImages", stages.ReadImages(config))
     items = stage(items, "DecodeImages", stages.DecodeImages(config))
     items = stage(items | "BatchForSegment" >> batches(config.batch.segment), "Segment", stages.Segment(config))
     items = stage(items, "SelectRegions", stages.SelectRegions(config))
     items = stage(items, "RenderPrompts", stages.RenderPrompts(config))
     items = stage(items | "BatchForCaption" >> batches(config.batch.caption), "Caption", stages.Caption(config))
-    records = items | "Assemble" >> beam.ParDo(stages.Assemble(config, PIPELINE_VERSION, provenance["segmenter"]))
+    limits = config.limits
+    # The budget watches the model stages' outcomes where they are made (fused with Caption), so a
+    # dead server stops the run after a few batches, not after every input has failed.
+    records = (items | "Assemble" >> beam.ParDo(stages.Assemble(config, PIPELINE_VERSION, plan.provenance["segmenter"]))
+               | "FailureBudget" >> beam.ParDo(FailureBudget(
+                   limits.max_transient_fraction, limits.min_samples, limits.window)))
     failures = (rejected | "AllFailures" >> beam.Flatten()
                 | "FailureOutcomes" >> beam.Map(stages.failure_outcome))
-    ((records, failures)
-     | "Outcomes" >> beam.Flatten()
-     | "WriteShards" >> WriteShards(output, config.settings_hash()))
+    outcomes = (records, failures) | "Outcomes" >> beam.Flatten()
+    unfinished = unfinished_shards(planned)
+    written = outcomes | "WriteShards" >> WriteShards(plan, planned["buckets"], unfinished)
+    if plan.prune:
+        _ = planned["pruned"] | "DeletePruned" >> beam.Map(finalize.delete_shard, plan.output)
+    facts = [written | "ShardFacts" >> beam.Map(lambda st: ("shard", st)),
+             planned["complete"] | "OldShardFacts" >> beam.Map(lambda st: ("old_shard", st)),
+             planned["present"] | "InputFacts" >> beam.Map(lambda n: ("inputs", n)),
+             planned["vanished"] | "VanishedFacts" >> beam.Map(lambda m: ("vanished", m)),
+             planned["pruned"] | "PrunedFacts" >> beam.Map(lambda s: ("pruned", s))]
+    _ = (facts | "AllFacts" >> beam.Flatten()
+         | "Summarise" >> beam.CombineGlobally(finalize.SummaryFn())
+         | "WriteSummary" >> beam.Map(finalize.write_summary, plan.output))
+
+
+def unfinished_shards(planned: dict[str, beam.PCollection]) -> beam.PCollection:
+    """(shard, None) for shards with settled members but no completion marker (a run stopped
+    between the two): the writer finishes them even when no new input goes there."""
+    return (planned["members"] | "MemberShards" >> beam.Map(lambda kv: kv[1]["shard"])
+            | "DistinctMemberShards" >> beam.Distinct()
+            | "NotComplete" >> beam.Filter(
+                lambda shard, done: shard not in set(done),
+                beam.pvalue.AsList(planned["complete"] | "CompleteNames" >> beam.Map(lambda st: st["shard"])))
+            | "AsShardWork" >> beam.Map(lambda shard: (shard, None)))
 
 
 def beam_counters(result: Any) -> dict[str, int]:
@@ -111,14 +154,17 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", default="samples",
-                        help="directory | glob | manifest (.jsonl/.csv/.parquet) | .tar shards | "
-                             "samples | synthetic://N (default: samples)")
+                        help="directory | glob | manifest(s) (.jsonl/.csv/.parquet, or a glob of them) | "
+                             ".tar shards | samples | synthetic://N (default: samples)")
     parser.add_argument("--output", default="out/dataset", help="output directory (any Beam filesystem path)")
     parser.add_argument("--config", default=None, help="YAML settings (default: embedded defaults)")
     parser.add_argument("--workers", type=int, default=1,
                         help="local worker processes (local runner only; default 1)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="allow an output that holds a build with other settings (its shards are replaced)")
+                        help="an output that holds a build with other settings is deleted and rebuilt")
+    parser.add_argument("--prune-vanished", action="store_true",
+                        help="rebuild the shards that hold inputs no longer in --input, without them "
+                             "(default: report them and keep them)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_known_args(argv)
 
@@ -136,41 +182,80 @@ def pipeline_options(beam_args: list[str], workers: int) -> PipelineOptions:
     return options
 
 
-def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Build the dataset; returns the manifest. Raises ConfigError before any work on bad settings."""
-    args, beam_args = _parse(list(sys.argv[1:] if argv is None else argv))
+def prepare(argv: Sequence[str]) -> tuple[Plan, PipelineOptions]:
+    """Settings and output checks, all before any work: ConfigError names the field and the fix."""
+    args, beam_args = _parse(list(argv))
     if args.workers < 1:
         raise ConfigError("--workers: must be at least 1")
     config = load_config(args.config)
-    refs = sources.assign_shards(sources.enumerate_inputs(args.input), config.shards.samples_per_shard,
-                                 config.shards.split)
-    done = finalize.completed_shards(args.output, refs, config.settings_hash(), args.overwrite)
-    pending = [r for r in refs if r.shard not in done]
-    known = {k: h for stats in done.values() for k, h in stats["hashes"].items()}
-    LOG.info("%d inputs in %d shards; %d shards already complete", len(refs),
-             len({r.shard for r in refs}), len(done))
+    ReadInputs(args.input)   # checks --input
+    layout = lay.read_layout(args.output)
+    if layout is not None and layout.settings_hash != config.settings_hash():
+        if not args.overwrite:
+            raise ConfigError(f"--output: '{args.output}' holds a build made with other settings "
+                              f"(settings hash {layout.settings_hash} != {config.settings_hash()}); "
+                              f"use a new --output, or --overwrite to delete it and rebuild")
+        finalize.delete_build(args.output)
+        layout = None
+    if layout is not None and layout.split != config.shards.split:
+        raise ConfigError(f"shards.split: '{args.output}' was built with split '{layout.split}'")
     provenance = {"segmenter": build_segmenter(config.segmenter).provenance(),
                   "captioner": build_captioner(config.captioner).provenance()}
-    start = time.perf_counter()
-    counters: dict[str, int] = {}
-    if pending:
-        try:
-            pipeline = beam.Pipeline(options=pipeline_options(beam_args, args.workers))
-            build(pipeline, pending, config, args.output, known, provenance)
-            result = pipeline.run()
-            result.wait_until_finish()
-            counters = beam_counters(result)
-        finally:   # managed model servers started by in-process workers never outlive the run
-            from annotators import managed_server
+    plan = Plan(args.input, args.output, config, layout, provenance, f"{time.time_ns():020d}",
+                args.prune_vanished)
+    return plan, pipeline_options(beam_args, args.workers)
 
-            managed_server.stop_all()
-    manifest = finalize.finalize(args.output, args.input, refs, config, provenance,
-                                 time.perf_counter() - start, resumed=len(done), counters=counters)
+
+def create_pipeline(argv: Sequence[str]) -> beam.Pipeline:
+    """The constructed, not yet run, pipeline for these command-line arguments."""
+    plan, options = prepare(argv)
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, plan)
+    return pipeline
+
+
+def _budget_message(exc: BaseException) -> str | None:
+    for line in str(exc).splitlines():
+        if MARKER in line:
+            return line[line.index(MARKER):].strip()
+    return None
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Build the dataset; returns the manifest. Raises ConfigError before any work on bad
+    settings, RunFailed when the failure budget stopped the run or nothing could be written."""
+    plan, options = prepare(list(sys.argv[1:] if argv is None else argv))
+    start = time.perf_counter()
+    dry_run = str(options.get_all_options(retain_unknown_options=True).get("dry_run")) in ("True", "true")
+    try:
+        pipeline = beam.Pipeline(options=options)
+        build(pipeline, plan)
+        result = pipeline.run()
+        if dry_run:   # e.g. DataflowRunner --dry_run=True: the job is built, nothing runs
+            return {"dry_run": True, "output": plan.output,
+                    "pipeline_bytes": len(pipeline.to_runner_api().SerializeToString())}
+        result.wait_until_finish()
+    except BudgetExceeded as exc:
+        raise RunFailed(str(exc)) from exc
+    except Exception as exc:   # runners wrap worker exceptions in their own types
+        message = _budget_message(exc)
+        if message is None:
+            raise
+        raise RunFailed(message) from exc
+    finally:   # managed model servers started by in-process workers never outlive the run
+        from annotators import managed_server
+
+        managed_server.stop_all()
+    manifest = finalize.finalize(plan.output, plan.input_spec, plan.config, plan.provenance,
+                                 time.perf_counter() - start, counters=beam_counters(result))
+    problem = finalize.run_problem(manifest)
+    if problem is not None:
+        raise RunFailed(problem)
     return manifest
 
 
 def main() -> int:
-    """Command-line entry point: prints the summary, exit 2 on bad settings."""
+    """Command-line entry point: prints the summary; exit 2 on bad settings, 1 on a failed run."""
     verbose = "-v" in sys.argv or "--verbose" in sys.argv
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -179,6 +264,12 @@ def main() -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if manifest.get("dry_run"):
+        print(f"dry run: pipeline built ({manifest['pipeline_bytes']} bytes), nothing was run")
+        return 0
     print(finalize.summary(manifest))
     return 0
 

@@ -4,18 +4,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 
-
-def _mean(table: pa.Table, column: str) -> float:
-    if table.num_rows == 0:
-        return 0.0
-    return float(pc.mean(table.column(column)).as_py() or 0.0)
-
-
-def render(manifest: dict[str, Any], images: pa.Table, regions: pa.Table) -> str:
-    """Markdown card from the manifest and the index tables."""
+def render(manifest: dict[str, Any]) -> str:
+    """Markdown card from the manifest (whose counts the pipeline summed over the shards)."""
     c = manifest["counts"]
     seg = manifest["annotators"]["segmenter"]
     cap = manifest["annotators"]["captioner"]
@@ -50,18 +41,20 @@ def render(manifest: dict[str, Any], images: pa.Table, regions: pa.Table) -> str
         f"| failed inputs | {c['failed']} |",
         f"| shards | {len(manifest['shards'])} |",
         f"| regions by level | {json.dumps(c['regions_by_level'])} |",
-        f"| mean image caption length (chars) | {_mean(images, 'caption_chars'):.0f} |",
-        f"| mean region long caption length (chars) | {_mean(regions, 'long_caption_chars'):.0f} |",
+        f"| mean image caption length (chars) | {manifest['means']['image_caption_chars']:.0f} |",
+        f"| mean region long caption length (chars) | {manifest['means']['region_long_caption_chars']:.0f} |",
         f"| failures by reason | {json.dumps(c['failed_by_reason'])} |",
+        f"| failures by class | {json.dumps(c['failed_by_class'])} |",
+        f"| inputs waiting for a retry | {c['awaiting_retry']} |",
         "",
         "## Layout",
         "",
         "```",
-        "shards/{split}-{NNNNNN}.tar   WebDataset: {key}.json (record) + {key}.jpg|png (stored image)",
-        "index/images.parquet          one row per image",
-        "index/regions.parquet         one row per region",
-        "failures/failures.parquet     one row per rejected input or region (stage, reason)",
-        "manifest.json                 counts, per-shard sha256 and size, settings, versions",
+        "shards/{split}-{NNNNNN}[-{GGG}].tar  WebDataset: {key}.json (record) + {key}.jpg|png (stored image)",
+        "index/images/{shard}.parquet        one row per image",
+        "index/regions/{shard}.parquet       one row per region",
+        "failures/{shard}.parquet            one row per rejected input or region (stage, reason, class)",
+        "manifest.json                       counts, per-shard sha256 and size, settings, versions",
         "```",
         "",
         "The record schema is documented in the project's `docs/SCHEMA.md`.",
@@ -69,11 +62,15 @@ def render(manifest: dict[str, Any], images: pa.Table, regions: pa.Table) -> str
         "## Loading",
         "",
         "```python",
+        "import glob",
         "import webdataset as wds",
         "ds = wds.WebDataset(sorted(glob.glob('shards/*.tar'))).decode('pil').to_tuple('jpg;png', 'json')",
         "",
         "from datasets import load_dataset",
         "ds = load_dataset('webdataset', data_files={'train': 'shards/*.tar'}, split='train')",
+        "",
+        "import pyarrow.dataset as pads   # the index: one parquet file per shard, read as one table",
+        "regions = pads.dataset('index/regions', format='parquet').to_table().to_pandas()",
         "",
         "from pycocotools import mask as mask_utils   # masks",
         "m = mask_utils.decode({'size': r['mask']['size'], 'counts': r['mask']['counts'].encode()})",

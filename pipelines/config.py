@@ -1,15 +1,23 @@
-"""Pipeline settings: YAML file → validated dataclasses. Errors name the field and the fix."""
+"""Pipeline settings: YAML file → validated dataclasses. Errors name the field and the fix.
+
+The settings hash (in every record and shard) covers only what changes the output: the shards,
+decode and regions sections, each annotator's name, version and output settings, the pipeline
+version. Run settings (batch sizes, ``limits``, the dataset's display name, and what each
+annotator's settings class lists in ``RUN_ONLY``: endpoints, timeouts, retries, server lifecycle,
+...) are written to the manifest but can change between runs of one build.
+"""
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from apache_beam.io.filesystems import FileSystems
 
-from annotators.base import ConfigError, parse_settings, require, stable_hash
+from annotators.base import ConfigError, hashed_fields, parse_settings, require, stable_hash
 from annotators.registry import build_captioner, build_segmenter
 
 PIPELINE_VERSION = "0.1.0"
@@ -85,6 +93,22 @@ class BatchSettings:
 
 
 @dataclass
+class LimitSettings:
+    """Failure budget: when transient failures (infrastructure: timeouts, 5xx, connection
+    refused, server not ready, ...) stop a run early. Permanent failures never count."""
+
+    max_transient_fraction: float = 0.05  # share of transient failures tolerated in the window
+    min_samples: int = 20         # outcomes seen before the budget can trip
+    window: int = 200             # the share is taken over this many most recent outcomes
+
+    def check(self) -> None:
+        require(0 < self.max_transient_fraction <= 1, "max_transient_fraction",
+                "must be in (0, 1], e.g. 0.05 for 5%")
+        require(self.min_samples >= 1, "min_samples", "must be at least 1")
+        require(self.window >= self.min_samples, "window", "must be at least min_samples")
+
+
+@dataclass
 class PipelineConfig:
     """All settings of one build. ``segmenter``/``captioner`` are {name, **annotator settings}."""
 
@@ -92,21 +116,50 @@ class PipelineConfig:
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     regions: RegionSettings = field(default_factory=RegionSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     segmenter: dict[str, Any] = field(default_factory=lambda: {"name": "classical"})
     captioner: dict[str, Any] = field(default_factory=lambda: {"name": "attributes"})
     dataset_name: str = "dataset"
 
+    # Never written into a shard: batch sizes (which images share a batch already depends on the
+    # runner), the failure budget, the name on the manifest and card. Every other section is
+    # hashed, a new one too unless it is listed here.
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"batch", "limits", "dataset_name"})
+
+    def hashed_settings(self) -> dict[str, Any]:
+        """Exactly what ``settings_hash`` hashes (plain data: shows why two hashes differ)."""
+        view = hashed_fields(self)
+        view["segmenter"] = build_segmenter(self.segmenter).hash_view()
+        view["captioner"] = build_captioner(self.captioner).hash_view()
+        view["pipeline_version"] = PIPELINE_VERSION
+        return view
+
+    def run_settings(self) -> dict[str, Any]:
+        """The sections left out of the hash. (The annotators' own run settings stay in their
+        sections; their settings classes list them in ``RUN_ONLY``.)"""
+        plain = self.to_dict()
+        return {name: plain[name] for name in sorted(self.RUN_ONLY)}
+
     def settings_hash(self) -> str:
-        """Hash of everything that changes the output bytes."""
-        return stable_hash({"config": dataclasses.asdict(self), "pipeline_version": PIPELINE_VERSION})
+        """Hash of the settings that change the output bytes (see ``hashed_settings``).
+
+        Remembered per settings value, so calling it per element costs one JSON dump; the value
+        travels with the pickled config, so workers use the driver's hash.
+        """
+        key = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        memo = self.__dict__.get("_hash_memo")
+        if memo is None or memo[0] != key:
+            memo = (key, stable_hash(self.hashed_settings()))
+            self.__dict__["_hash_memo"] = memo
+        return memo[1]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (for the manifest)."""
+        """Plain dict of every setting, run settings included (for the manifest)."""
         return dataclasses.asdict(self)
 
 
 _SECTIONS = {"shards": ShardSettings, "decode": DecodeSettings, "regions": RegionSettings,
-             "batch": BatchSettings}
+             "batch": BatchSettings, "limits": LimitSettings}
 _KNOWN = list(_SECTIONS) + ["segmenter", "captioner", "dataset_name"]
 
 

@@ -1,45 +1,97 @@
-"""After the pipeline: merge per-shard parts into the index and failures tables, write the
-manifest and the dataset card, and summarise the build."""
+"""The build's totals: shard stats summed in the pipeline (``SummaryFn`` → ``_work/summary.json``),
+then the manifest, the dataset card and the summary printed at the end — all from that one small
+file, never from loading the index on the driver."""
 from __future__ import annotations
 
-import io
 import json
 import platform
 from collections import Counter
 from importlib import metadata
-from typing import Any
+from typing import Any, Iterable
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from annotators.base import ConfigError
-from pipelines import card, writer
+from pipelines import card
+from pipelines import layout as lay
 from pipelines.config import PIPELINE_VERSION, PipelineConfig
-from pipelines.types import ImageRef
-from schemas import FAILURES_SCHEMA, IMAGES_SCHEMA, REGIONS_SCHEMA, SCHEMA_VERSION
+from pipelines.writer import read_json
+from schemas import SCHEMA_VERSION
 
 STAGES = ("read", "decode", "segment", "select_regions", "render_prompts", "caption", "assemble")
 _PACKAGES = ("apache-beam", "numpy", "pillow", "pyarrow", "webdataset", "pycocotools",
              "scikit-image", "jsonschema", "torch", "segment-anything", "openai")
+_SUMMED = ("inputs", "written", "failed", "transient", "images_without_masks", "caption_chars",
+           "region_long_caption_chars")
+_COUNTERS = ("failed_by_reason", "failed_by_class", "region_failures_by_reason", "regions_by_level",
+             "regions_dropped_by_reason", "timings", "transient_by_where")
+VANISHED_SHOWN = 20
 
 
-def completed_shards(out: str, refs: list[ImageRef], settings_hash: str,
-                     overwrite: bool) -> dict[str, dict[str, Any]]:
-    """Shards already complete under ``out`` with the same settings (to be skipped)."""
-    done = {}
-    for shard in sorted({r.shard for r in refs}):
-        stats = writer.read_stats(out, shard)
-        if stats is None:
-            continue
-        if stats["settings_hash"] != settings_hash:
-            if overwrite:
-                continue
-            raise ConfigError(f"--output: '{out}' holds shards built with other settings "
-                              f"(settings hash {stats['settings_hash']} != {settings_hash}); use a new "
-                              f"--output, or --overwrite to rebuild them")
-        done[shard] = stats
-    return done
+class SummaryFn(beam.CombineFn):
+    """("shard" | "old_shard", stats), ("inputs", 1), ("vanished", member), ("pruned", shard) →
+    one summary. A shard written by this run replaces its older stats."""
+
+    def create_accumulator(self) -> dict[str, Any]:
+        return {"shards": {}, "old": {}, "inputs": 0, "vanished": 0, "vanished_keys": [], "pruned": []}
+
+    def add_input(self, acc: dict[str, Any], element: tuple[str, Any]) -> dict[str, Any]:
+        kind, value = element
+        if kind == "shard":
+            acc["shards"][value["shard"]] = value
+        elif kind == "old_shard":
+            acc["old"][value["shard"]] = value
+        elif kind == "inputs":
+            acc["inputs"] += value
+        elif kind == "vanished":
+            acc["vanished"] += 1
+            acc["vanished_keys"] = sorted(acc["vanished_keys"] + [value["key"]])[:VANISHED_SHOWN]
+        elif kind == "pruned":
+            acc["pruned"].append(value)
+        return acc
+
+    def merge_accumulators(self, accumulators: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        merged = self.create_accumulator()
+        for acc in accumulators:
+            merged["shards"].update(acc["shards"])
+            merged["old"].update(acc["old"])
+            merged["inputs"] += acc["inputs"]
+            merged["vanished"] += acc["vanished"]
+            merged["vanished_keys"] = sorted(merged["vanished_keys"] + acc["vanished_keys"])[:VANISHED_SHOWN]
+            merged["pruned"] += acc["pruned"]
+        return merged
+
+    def extract_output(self, acc: dict[str, Any]) -> dict[str, Any]:
+        pruned = set(acc["pruned"])
+        shards = {k: v for k, v in acc["old"].items() if k not in pruned}
+        shards.update(acc["shards"])
+        return {"shards": dict(sorted(shards.items())), "new_shards": sorted(acc["shards"]),
+                "inputs": acc["inputs"], "vanished": acc["vanished"],
+                "vanished_keys": acc["vanished_keys"], "pruned": sorted(pruned)}
+
+
+def write_summary(summary: dict[str, Any], out: str) -> None:
+    """The pipeline's last step: its totals, for the driver."""
+    lay.write_atomic(lay.summary_path(out), json.dumps(summary, sort_keys=True).encode())
+
+
+def _delete(paths: list[str]) -> None:
+    present = [p for p in paths if FileSystems.exists(p)]
+    if present:
+        FileSystems.delete(present)
+
+
+def delete_shard(shard: str, out: str) -> None:
+    """Remove a shard and everything written for it (``--prune-vanished``)."""
+    _delete([lay.work_path(out, shard, "stats.json"), lay.shard_path(out, shard),
+             lay.index_path(out, "images", shard), lay.index_path(out, "regions", shard),
+             lay.index_path(out, "failures", shard), lay.work_path(out, shard, "members.parquet")])
+
+
+def delete_build(out: str) -> None:
+    """Remove a whole build (``--overwrite`` with other settings)."""
+    _delete([lay.join(out, name) for name in
+             ("shards", "index", "failures", lay.WORK_DIR, "manifest.json", "README.md")])
 
 
 def versions() -> dict[str, str]:
@@ -53,41 +105,25 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _write_table(path: str, table: pa.Table) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    with FileSystems.create(path) as handle:
-        handle.write(buffer.getvalue())
+def totals(summary: dict[str, Any]) -> dict[str, Any]:
+    """Counts over all shards of the build (complete ones, and those waiting for a retry)."""
+    shards = summary["shards"].values()
+    out: dict[str, Any] = {name: sum(st.get(name, 0) for st in shards) for name in _SUMMED}
+    for name in _COUNTERS:
+        total: Counter = Counter()
+        for st in shards:
+            total.update(st.get(name, {}))
+        out[name] = dict(sorted(total.items()))
+    return out
 
 
-def _merge(out: str, shards: list[str], name: str, schema: pa.Schema, sort: list[str]) -> pa.Table:
-    tables = [writer.read_parts(out, shard, name).cast(schema) for shard in shards]
-    table = pa.concat_tables(tables) if tables else schema.empty_table()
-    return table.sort_by([(c, "ascending") for c in sort]) if table.num_rows else table
-
-
-def finalize(out: str, input_spec: str, refs: list[ImageRef], config: PipelineConfig,
-             provenance: dict[str, Any], seconds: float, resumed: int = 0,
-             counters: dict[str, int] | None = None) -> dict[str, Any]:
-    """Write index/, failures/, manifest.json and README.md from the completed shards."""
-    shards = sorted({r.shard for r in refs})
-    stats = {s: writer.read_stats(out, s) for s in shards}
-    missing = [s for s, st in stats.items() if st is None]
-    if missing:
-        raise RuntimeError(f"shards not completed by the pipeline: {missing[:5]}")
-    images = _merge(out, shards, "images", IMAGES_SCHEMA, ["key"])
-    regions = _merge(out, shards, "regions", REGIONS_SCHEMA, ["key", "region_id"])
-    failures = _merge(out, shards, "failures", FAILURES_SCHEMA, ["key", "stage", "reason"])
-    _write_table(FileSystems.join(out, "index", "images.parquet"), images)
-    _write_table(FileSystems.join(out, "index", "regions.parquet"), regions)
-    _write_table(FileSystems.join(out, "failures", "failures.parquet"), failures)
-    rows = failures.to_pylist()
-    input_failures = [r for r in rows if r["region_id"] is None]
-    timings: Counter = Counter()
-    dropped: Counter = Counter()
-    for st in stats.values():
-        timings.update(st["timings"])
-        dropped.update(st.get("regions_dropped", {}))
+def finalize(out: str, input_spec: str, config: PipelineConfig, provenance: dict[str, Any],
+             seconds: float, counters: dict[str, int] | None = None) -> dict[str, Any]:
+    """manifest.json and README.md from the pipeline's summary."""
+    summary = read_json(lay.summary_path(out))
+    t = totals(summary)
+    complete = [st for st in summary["shards"].values() if st["complete"]]
+    incomplete = sorted(name for name, st in summary["shards"].items() if not st["complete"])
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "pipeline_version": PIPELINE_VERSION,
@@ -97,29 +133,64 @@ def finalize(out: str, input_spec: str, refs: list[ImageRef], config: PipelineCo
         "settings": config.to_dict(),
         "annotators": provenance,
         "counts": {
-            "inputs": len(refs),
-            "written": images.num_rows,
-            "failed": len({r["key"] for r in input_failures}),
-            "failed_by_reason": dict(sorted(Counter(f"{r['stage']}/{r['reason']}" for r in input_failures).items())),
-            "region_failures_by_reason": dict(sorted(Counter(
-                f"{r['stage']}/{r['reason']}" for r in rows if r["region_id"] is not None).items())),
-            "regions_by_level": dict(sorted(Counter(regions.column("level").to_pylist()).items())),
-            "regions_dropped_by_reason": dict(sorted(dropped.items())),
-            "images_without_masks": sum(1 for n in images.column("n_pixel").to_pylist() if n == 0),
+            "inputs": summary["inputs"],
+            "in_shards": t["inputs"],
+            "written": sum(st["written"] for st in complete),
+            "failed": sum(st["failed"] for st in complete),
+            "awaiting_retry": t["transient"],
+            "transient_by_where": t["transient_by_where"],
+            "held": sum(st["written"] + st["failed"] for st in summary["shards"].values()
+                        if not st["complete"]),
+            "failed_by_reason": t["failed_by_reason"],
+            "failed_by_class": t["failed_by_class"],
+            "region_failures_by_reason": t["region_failures_by_reason"],
+            "regions_by_level": t["regions_by_level"],
+            "regions_dropped_by_reason": t["regions_dropped_by_reason"],
+            "images_without_masks": t["images_without_masks"],
+            "vanished": summary["vanished"],
         },
-        "shards": [dict(st["tar"], samples=st["samples"]) for st in stats.values() if st["tar"]],
-        "seconds_per_stage": {s: round(timings.get(s, 0.0), 3) for s in STAGES},
+        "means": {
+            "image_caption_chars": round(t["caption_chars"] / max(t["written"], 1), 1),
+            "region_long_caption_chars": round(
+                t["region_long_caption_chars"] / max(sum(t["regions_by_level"].values()), 1), 1),
+        },
+        "vanished_keys": summary["vanished_keys"],
+        "pruned_shards": summary["pruned"],
+        "incomplete_shards": incomplete,
+        "shards": [st["tar"] for st in complete if st["tar"]],
+        "shards_this_run": len(summary["new_shards"]),
+        "seconds_per_stage": {s: round(t["timings"].get(s, 0.0), 3) for s in STAGES},
         "seconds_wall": round(seconds, 2),
-        "resumed_shards": resumed,
         "beam_counters_this_run": counters or {},
         "versions": versions(),
     }
     with FileSystems.create(FileSystems.join(out, "manifest.json")) as handle:
         handle.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
     with FileSystems.create(FileSystems.join(out, "README.md")) as handle:
-        handle.write(card.render(manifest, images, regions).encode())
+        handle.write(card.render(manifest).encode())
     _clean_temporaries(out)
     return manifest | {"output": out}
+
+
+def run_problem(manifest: dict[str, Any]) -> str | None:
+    """Why a finished run must exit non-zero, or None."""
+    c = manifest["counts"]
+    if c["inputs"] == 0:
+        return f"--input: no images found at '{manifest['input']}'"
+    kept_vanished = 0 if manifest["pruned_shards"] else c["vanished"]
+    if c["inputs"] + kept_vanished != c["in_shards"]:
+        return (f"accounting error: {c['inputs']} inputs (+{kept_vanished} vanished) but "
+                f"{c['in_shards']} in shards; rerun the same command")
+    if c["written"] == 0 and c["awaiting_retry"] == 0 and c["failed"] > 0:
+        top = ", ".join(f"{k} {v}" for k, v in sorted(c["failed_by_reason"].items(),
+                                                     key=lambda kv: -kv[1])[:3])
+        return f"no records written: all {c['failed']} inputs failed ({top})"
+    if c["written"] == 0 and c["awaiting_retry"] > 0:
+        top = "; ".join(f"{k} ×{v}" for k, v in sorted(c["transient_by_where"].items(),
+                                                       key=lambda kv: -kv[1])[:3])
+        return (f"no records written: {c['awaiting_retry']} inputs failed transiently ({top}); "
+                f"fix the infrastructure and rerun the same command")
+    return None
 
 
 def _clean_temporaries(out: str) -> None:
@@ -137,13 +208,22 @@ def summary(manifest: dict[str, Any]) -> str:
     c = manifest["counts"]
     lines = [f"dataset written to {manifest.get('output', '?')}",
              f"  inputs {c['inputs']}, records written {c['written']}, inputs failed {c['failed']}, "
-             f"shards {len(manifest['shards'])} (resumed {manifest['resumed_shards']})"]
+             f"awaiting retry {c['awaiting_retry']}; shards {len(manifest['shards'])} complete "
+             f"({manifest['shards_this_run']} written by this run)"]
     for title, table in (("failures by reason", c["failed_by_reason"]),
+                         ("failures by class", c["failed_by_class"]),
                          ("region failures by reason", c["region_failures_by_reason"]),
                          ("regions by level", c["regions_by_level"]),
                          ("candidate regions dropped", c["regions_dropped_by_reason"])):
         if table:
             lines.append(f"  {title}: " + ", ".join(f"{k} {v}" for k, v in table.items()))
+    if manifest["incomplete_shards"]:
+        lines.append(f"  {len(manifest['incomplete_shards'])} shard(s) wait for {c['awaiting_retry']} "
+                     f"input(s) that failed transiently: rerun the same command to complete them")
+    if c["vanished"]:
+        lines.append(f"  {c['vanished']} input(s) written earlier are no longer in --input (e.g. "
+                     f"{', '.join(manifest['vanished_keys'][:5])}); they stay unless you rerun "
+                     f"with --prune-vanished")
     lines.append("  seconds per stage (summed over images): " + ", ".join(
         f"{k} {v:.2f}" for k, v in manifest["seconds_per_stage"].items() if v))
     lines.append(f"  wall time {manifest['seconds_wall']:.1f} s; validate with: make validate "

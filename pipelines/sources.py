@@ -1,8 +1,14 @@
-"""Input sources → a sorted list of ImageRefs with deterministic keys and shard assignment.
+"""Input sources, read inside the pipeline: ``ReadInputs(spec)`` → a PCollection of ImageRefs.
 
-Supported ``--input`` forms: a directory (recursive), a glob, a manifest (.jsonl/.csv/.parquet),
-WebDataset tars (a .tar path or a glob of them), ``samples`` (photographs bundled with
-scikit-image) and ``synthetic://N[?seed=S&size=PX]``. Paths go through Beam's filesystems.
+Supported ``--input`` forms: a directory (recursive), a glob, manifests (.jsonl/.csv/.parquet, one
+file or a glob of them), WebDataset tars (a .tar path or a glob of them), ``samples`` (photographs
+bundled with scikit-image) and ``synthetic://N[?seed=S&size=PX]``. File matching, manifest reading
+and tar-member listing run in workers (Beam's ``fileio.MatchFiles`` and ``ReadAll…`` transforms):
+the driver never holds the list of inputs and the submitted pipeline does not grow with it.
+
+A manifest row that cannot become an input (no path, not JSON) is still an input: it travels as an
+ImageRef whose loader kind is ``invalid`` and ends as a failure row. Keys are derived from the
+input alone (relative path, manifest ``key`` column, tar member name), never from other inputs.
 """
 from __future__ import annotations
 
@@ -15,8 +21,10 @@ import posixpath
 import re
 import tarfile
 import urllib.parse
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
+import apache_beam as beam
+from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from annotators.base import ConfigError
@@ -28,6 +36,7 @@ SAMPLE_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "cof
                  "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
                  "moon.png", "motorcycle_left.png", "retina.jpg", "rocket.jpg")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_WILDCARD = re.compile(r"[*?\[]")
 
 
 def safe_key(text: str, max_len: int = 120) -> str:
@@ -38,16 +47,9 @@ def safe_key(text: str, max_len: int = 120) -> str:
     return key
 
 
-def _is_image(path: str) -> bool:
+def is_image(path: str) -> bool:
+    """Whether a path has an image extension (case-insensitive)."""
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _match(pattern: str) -> list[str]:
-    try:
-        result = FileSystems.match([pattern])[0]
-    except Exception:   # BeamIOError when nothing matches
-        return []
-    return sorted(m.path for m in result.metadata_list)
 
 
 def _relative_key(path: str, root: str) -> str:
@@ -55,26 +57,24 @@ def _relative_key(path: str, root: str) -> str:
     return safe_key(os.path.splitext(rel)[0])
 
 
-def _file_ref(path: str, root: str, dataset: str | None = None) -> ImageRef:
+def file_ref(path: str, root: str, dataset: str | None = None) -> ImageRef:
+    """An image file; its key is its path relative to ``root`` without the extension."""
     return ImageRef(key=_relative_key(path, root), uri=path, loader={"kind": "file", "path": path},
                     dataset=dataset)
 
 
-def from_directory(root: str) -> list[ImageRef]:
-    """All image files under ``root`` (recursive; extensions case-insensitive)."""
-    root = root.rstrip("/")
-    paths = [p for p in _match(FileSystems.join(root, "**")) if _is_image(p)]
-    return [_file_ref(p, root + "/") for p in paths]
+def invalid_ref(key: str, uri: str, reason: str, detail: str) -> ImageRef:
+    """An input that cannot be read (e.g. a bad manifest row): it ends as a failure row."""
+    return ImageRef(key=key, uri=uri, loader={"kind": "invalid", "reason": reason, "detail": detail})
 
 
-def from_glob(pattern: str) -> list[ImageRef]:
-    """Image files matching a glob; keys relative to the glob's fixed prefix."""
-    prefix = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
-    root = prefix if prefix.endswith("/") else posixpath.dirname(prefix) + "/"
-    return [_file_ref(p, root) for p in _match(pattern) if _is_image(p)]
+def glob_root(pattern: str) -> str:
+    """The fixed directory prefix of a glob (keys are relative to it)."""
+    prefix = _WILDCARD.split(pattern, maxsplit=1)[0]
+    return prefix if prefix.endswith("/") else posixpath.dirname(prefix) + "/"
 
 
-def from_samples() -> list[ImageRef]:
+def sample_refs() -> list[ImageRef]:
     """Real photographs shipped inside scikit-image (no download)."""
     import skimage
 
@@ -88,8 +88,8 @@ def from_samples() -> list[ImageRef]:
     return refs
 
 
-def from_synthetic(spec: str) -> list[ImageRef]:
-    """``synthetic://N?seed=S&size=PX``: N generated scenes."""
+def parse_synthetic(spec: str) -> tuple[int, int, int]:
+    """``synthetic://N?seed=S&size=PX`` → (N, seed, size); ConfigError names the problem."""
     parsed = urllib.parse.urlparse(spec)
     query = dict(urllib.parse.parse_qsl(parsed.query))
     try:
@@ -99,52 +99,36 @@ def from_synthetic(spec: str) -> list[ImageRef]:
         raise ConfigError(f"--input: '{spec}' is not synthetic://N[?seed=S&size=PX] with integers") from exc
     if count < 1 or size < 32:
         raise ConfigError(f"--input: '{spec}' needs N >= 1 and size >= 32")
-    return [ImageRef(key=f"synthetic-{seed}-{i:06d}", uri=f"synthetic://{seed}/{i}?size={size}",
-                     loader={"kind": "synthetic", "seed": seed, "index": i, "size": size},
-                     dataset="synthetic") for i in range(count)]
+    return count, seed, size
 
 
-def _tar_members(path: str) -> Iterable[tuple[str, tarfile.TarInfo]]:
+def synthetic_refs(spec: str, start: int = 0, stop: int | None = None) -> Iterator[ImageRef]:
+    """Generated scenes ``start``..``stop`` of ``synthetic://N``."""
+    count, seed, size = parse_synthetic(spec)
+    for i in range(start, min(count, count if stop is None else stop)):
+        yield ImageRef(key=f"synthetic-{seed}-{i:06d}", uri=f"synthetic://{seed}/{i}?size={size}",
+                       loader={"kind": "synthetic", "seed": seed, "index": i, "size": size},
+                       dataset="synthetic")
+
+
+def tar_refs(path: str) -> Iterator[ImageRef]:
+    """Image members of one uncompressed WebDataset tar, streamed; each is read by offset later."""
+    stem = safe_key(os.path.splitext(posixpath.basename(path))[0])
     with FileSystems.open(path) as handle:
-        with tarfile.open(fileobj=handle, mode="r:") as tar:
+        with tarfile.open(fileobj=handle, mode="r|") as tar:
             for info in tar:
-                if info.isfile() and _is_image(info.name):
-                    yield info.name, info
+                if not (info.isfile() and is_image(info.name)):
+                    continue
+                member_key = info.name.split("/")[-1].split(".")[0]
+                prefix = posixpath.dirname(info.name)
+                key = safe_key(f"{stem}_{prefix}_{member_key}" if prefix else f"{stem}_{member_key}")
+                yield ImageRef(key=key, uri=f"{path}#{info.name}",
+                               loader={"kind": "tar", "path": path, "offset": info.offset_data,
+                                       "size": info.size})
 
 
-def from_tars(pattern: str) -> list[ImageRef]:
-    """Image members of WebDataset tars (uncompressed); each member is read by offset later."""
-    refs = []
-    for path in _match(pattern):
-        stem = safe_key(os.path.splitext(posixpath.basename(path))[0])
-        for name, info in _tar_members(path):
-            member_key = name.split("/")[-1].split(".")[0]
-            prefix = posixpath.dirname(name)
-            key = safe_key(f"{stem}_{prefix}_{member_key}" if prefix else f"{stem}_{member_key}")
-            refs.append(ImageRef(key=key, uri=f"{path}#{name}",
-                                 loader={"kind": "tar", "path": path, "offset": info.offset_data,
-                                         "size": info.size}))
-    return refs
-
-
-def _manifest_rows(path: str) -> list[dict[str, Any]]:
-    with FileSystems.open(path) as handle:
-        data = handle.read()
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(io.BytesIO(data), use_threads=False).to_pylist()
-    text = data.decode("utf-8")
-    if path.endswith(".csv"):
-        return list(csv.DictReader(io.StringIO(text)))
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"--input: {path} line {number} is not JSON ({exc})") from exc
-    return rows
+def _base(path: str) -> str:
+    return posixpath.dirname(path) if "://" not in path else path.rsplit("/", 1)[0]
 
 
 def _given(row: dict[str, Any], base: str) -> dict[str, Any] | None:
@@ -164,66 +148,172 @@ def _given(row: dict[str, Any], base: str) -> dict[str, Any] | None:
     return given or None
 
 
-def from_manifest(path: str) -> list[ImageRef]:
-    """One input per manifest row: ``path``/``uri`` (relative to the manifest) and optional
+def manifest_ref(path: str, row: Any, where: str) -> ImageRef:
+    """One manifest row → an input: ``path``/``uri`` (relative to the manifest) and optional
     ``key``, ``dataset``, ``boxes`` ([[x,y,w,h],...]), ``masks`` (COCO RLE list), ``labels``,
-    ``sa1b`` (per-image SA-1B json) or ``coco`` (instances json) with ``image_id``."""
-    base = posixpath.dirname(path) if "://" not in path else path.rsplit("/", 1)[0]
-    refs = []
-    for number, row in enumerate(_manifest_rows(path), 1):
-        location = row.get("path") or row.get("uri") or row.get("url")
-        if not location:
-            raise ConfigError(f"--input: {path} row {number} has no 'path' or 'uri' column; add one")
-        if "://" not in location and not location.startswith("/"):
-            location = FileSystems.join(base, location)
-        key = safe_key(str(row["key"])) if row.get("key") not in (None, "") else safe_key(
-            os.path.splitext(posixpath.basename(location))[0])
-        refs.append(ImageRef(key=key, uri=location, loader={"kind": "file", "path": location},
-                             dataset=row.get("dataset") or None, given=_given(row, base)))
-    return refs
+    ``sa1b`` (per-image SA-1B json) or ``coco`` (instances json) with ``image_id``.
+    A row that is not usable becomes an ``invalid`` input named after the row."""
+    fallback = safe_key(f"{posixpath.basename(path)}-{where}")
+    uri = f"{path}#{where}"
+    if not isinstance(row, dict):
+        return invalid_ref(fallback, uri, "bad_manifest_row", f"{where} is not an object: {str(row)[:200]}")
+    key_cell = row.get("key")
+    location = row.get("path") or row.get("uri") or row.get("url")
+    if not location:
+        key = safe_key(str(key_cell)) if key_cell not in (None, "") else fallback
+        return invalid_ref(key, uri, "bad_manifest_row",
+                           f"{where} has no 'path' or 'uri' column; add one")
+    base = _base(path)
+    if "://" not in location and not location.startswith("/"):
+        location = FileSystems.join(base, location)
+    key = safe_key(str(key_cell)) if key_cell not in (None, "") else safe_key(
+        os.path.splitext(posixpath.basename(location))[0])
+    try:
+        given = _given(row, base)
+    except ValueError as exc:
+        return invalid_ref(key, location, "bad_manifest_row", f"{where}: a cell is not JSON ({exc})")
+    return ImageRef(key=key, uri=location, loader={"kind": "file", "path": location},
+                    dataset=row.get("dataset") or None, given=given)
 
 
-def enumerate_inputs(spec: str) -> list[ImageRef]:
-    """Resolve ``--input`` into refs (unsorted, keys possibly colliding)."""
+def jsonl_ref(path_and_line: tuple[str, str]) -> Iterator[ImageRef]:
+    """One line of a .jsonl manifest (blank lines are skipped)."""
+    path, line = path_and_line
+    if not line.strip():
+        return
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        digest = hashlib.sha1(line.encode()).hexdigest()[:10]
+        yield invalid_ref(safe_key(f"{posixpath.basename(path)}-line-{digest}"), f"{path}#{digest}",
+                          "bad_manifest_row", f"not JSON ({exc}): {line[:200]}")
+        return
+    where = f"row key={row.get('key')!r}" if isinstance(row, dict) and row.get("key") else \
+        f"line {hashlib.sha1(line.encode()).hexdigest()[:10]}"
+    yield manifest_ref(path, row, where)
+
+
+def csv_refs(path: str) -> Iterator[ImageRef]:
+    """Rows of one .csv manifest, streamed."""
+    with FileSystems.open(path) as handle:
+        text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+        for number, row in enumerate(csv.DictReader(text), 1):
+            yield manifest_ref(path, row, f"row {number}")
+
+
+def parquet_ref(path_and_row: tuple[str, dict[str, Any]]) -> ImageRef:
+    """One row of a .parquet manifest."""
+    path, row = path_and_row
+    where = f"row key={row.get('key')!r}" if row.get("key") not in (None, "") else \
+        f"row path={row.get('path') or row.get('uri')!r}"
+    return manifest_ref(path, row, where)
+
+
+def check_spec(spec: str) -> str:
+    """Which kind of input ``spec`` is; ConfigError (before any work) when it cannot be one."""
     if spec in ("samples", "samples://skimage", "samples://"):
-        return from_samples()
+        return "samples"
     if spec.startswith("synthetic://"):
-        return from_synthetic(spec)
+        parse_synthetic(spec)
+        return "synthetic"
     lowered = spec.lower()
-    if lowered.endswith(MANIFEST_EXTENSIONS):
-        if not FileSystems.exists(spec):
-            raise ConfigError(f"--input: manifest '{spec}' does not exist")
-        return from_manifest(spec)
-    if lowered.endswith(".tar"):
-        refs = from_tars(spec)
-    elif any(c in spec for c in "*?["):
-        refs = from_glob(spec)
-    elif FileSystems.exists(spec) and _is_image(spec):
-        refs = [_file_ref(spec, posixpath.dirname(spec) + "/")]
-    elif FileSystems.exists(spec):
-        refs = from_directory(spec)
-    else:
+    wildcard = bool(_WILDCARD.search(spec))
+    if not wildcard and not FileSystems.exists(spec):
         raise ConfigError(f"--input: '{spec}' does not exist; give a directory, glob, manifest "
                           f"(.jsonl/.csv/.parquet), .tar shards, 'samples' or synthetic://N")
-    if not refs:
-        raise ConfigError(f"--input: no images found at '{spec}' (extensions: "
-                          f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return refs
+    for ext in MANIFEST_EXTENSIONS:
+        if lowered.endswith(ext):
+            return ext.lstrip(".")
+    if lowered.endswith(".tar"):
+        return "tar"
+    if wildcard:
+        return "glob"
+    return "file" if is_image(spec) else "directory"
 
 
-def assign_shards(refs: list[ImageRef], samples_per_shard: int, split: str) -> list[ImageRef]:
-    """Make keys unique, sort by key and assign shards: same inputs → same shards."""
-    counts: dict[str, int] = {}
-    for ref in refs:
-        counts[ref.key] = counts.get(ref.key, 0) + 1
-    for ref in refs:
-        if counts[ref.key] > 1:
-            ref.key = safe_key(f"{ref.key}-{hashlib.sha1(ref.uri.encode()).hexdigest()[:8]}")
-    refs = sorted(refs, key=lambda r: (r.key, r.uri))
-    seen: set[str] = set()
-    for index, ref in enumerate(refs):
-        if ref.key in seen:   # same uri listed twice: keep keys unique, dedup will catch the bytes
-            ref.key = safe_key(f"{ref.key}-{index}")
-        seen.add(ref.key)
-        ref.shard = f"{split}-{index // samples_per_shard:06d}"
-    return refs
+class ReadInputs(beam.PTransform):
+    """``--input`` → ImageRefs, read by workers (nothing is listed on the driver)."""
+
+    def __init__(self, spec: str) -> None:
+        super().__init__()
+        self.spec = spec
+        self.kind = check_spec(spec)
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        spec, kind = self.spec, self.kind
+        if kind == "samples":
+            return pbegin | "Samples" >> beam.Create(sample_refs())
+        if kind == "synthetic":
+            count = parse_synthetic(spec)[0]
+            step = 10_000   # ranges are made in a worker, so the graph does not grow with N
+            return (pbegin | "Count" >> beam.Create([count])
+                    | "Ranges" >> beam.FlatMap(lambda n: range(0, n, step))
+                    | "SpreadRanges" >> beam.Reshuffle()
+                    | "Scenes" >> beam.FlatMap(lambda s: synthetic_refs(spec, s, s + step)))
+        if kind == "file":
+            return pbegin | "File" >> beam.Create([file_ref(spec, posixpath.dirname(spec) + "/")])
+        pattern = spec
+        if kind == "directory":
+            root = spec.rstrip("/") + "/"
+            pattern = FileSystems.join(spec.rstrip("/"), "**")
+        else:
+            root = glob_root(spec)
+        paths = (pbegin | "Match" >> fileio.MatchFiles(pattern, empty_match_treatment="ALLOW")
+                 | "Paths" >> beam.Map(lambda m: m.path))
+        if kind in ("directory", "glob"):
+            return (paths | "Images" >> beam.Filter(is_image)
+                    | "Refs" >> beam.Map(lambda p: file_ref(p, root)))
+        paths = paths | "SpreadFiles" >> beam.Reshuffle()
+        if kind == "tar":
+            return paths | "TarMembers" >> beam.FlatMap(tar_refs)
+        if kind == "jsonl":
+            return (paths | "Lines" >> beam.io.ReadAllFromText(with_filename=True)
+                    | "Rows" >> beam.FlatMap(jsonl_ref))
+        if kind == "csv":
+            return paths | "Rows" >> beam.FlatMap(csv_refs)
+        return (paths | "Rows" >> beam.io.ReadAllFromParquet(with_filename=True)
+                | "Refs" >> beam.Map(parquet_ref))
+
+
+def list_inputs(spec: str) -> list[ImageRef]:
+    """The refs ReadInputs makes for ``spec``, listed here in one process (for tests and small
+    tools; the pipeline never calls this). Sorted by key and uri."""
+    kind = check_spec(spec)
+    refs: Iterable[ImageRef]
+    if kind == "samples":
+        refs = sample_refs()
+    elif kind == "synthetic":
+        refs = synthetic_refs(spec)
+    elif kind == "file":
+        refs = [file_ref(spec, posixpath.dirname(spec) + "/")]
+    else:
+        pattern = FileSystems.join(spec.rstrip("/"), "**") if kind == "directory" else spec
+        root = spec.rstrip("/") + "/" if kind == "directory" else glob_root(spec)
+        try:
+            paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+        except Exception:   # BeamIOError when nothing matches
+            paths = []
+        refs = _list_kind(kind, paths, root)
+    return sorted(refs, key=lambda r: (r.key, r.uri))
+
+
+def _list_kind(kind: str, paths: list[str], root: str) -> Iterator[ImageRef]:
+    for path in paths:
+        if kind in ("directory", "glob"):
+            if is_image(path):
+                yield file_ref(path, root)
+        elif kind == "tar":
+            yield from tar_refs(path)
+        elif kind == "csv":
+            yield from csv_refs(path)
+        elif kind == "jsonl":
+            with FileSystems.open(path) as handle:
+                for line in handle.read().decode("utf-8").splitlines():
+                    yield from jsonl_ref((path, line))
+        else:
+            import pyarrow.parquet as pq
+
+            with FileSystems.open(path) as handle:
+                table = pq.read_table(io.BytesIO(handle.read()), use_threads=False)
+            for row in table.to_pylist():
+                yield parquet_ref((path, row))

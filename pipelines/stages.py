@@ -8,7 +8,7 @@ import logging
 import time
 import traceback
 from collections import Counter
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import apache_beam as beam
 import numpy as np
@@ -36,7 +36,10 @@ def _failure_out(failure: Failure) -> pvalue.TaggedOutput:
 def _internal(item: ImageItem, stage: str, exc: BaseException) -> pvalue.TaggedOutput:
     LOG.warning("%s failed on %s: %s", stage, item.ref.key, exc)
     detail = f"{type(exc).__name__}: {exc} | " + "".join(traceback.format_exc(limit=3))[-800:]
-    return _failure_out(item.fail(stage, "internal_error", detail))
+    # Out of memory is the machine's state, not the input's: a rerun should try again.
+    reason = "out_of_memory" if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() \
+        else "internal_error"
+    return _failure_out(item.fail(stage, reason, detail))
 
 
 def _rgb(item: ImageItem) -> np.ndarray:
@@ -52,6 +55,9 @@ class ReadImages(beam.DoFn):
     def process(self, ref: ImageRef) -> Iterator[Any]:
         item = ImageItem(ref=ref)
         start = time.perf_counter()
+        if ref.loader["kind"] == "invalid":   # e.g. a bad manifest row (no dedup pass ran)
+            yield _failure_out(item.fail("read", ref.loader["reason"], ref.loader["detail"]))
+            return
         try:
             item.data, item.ground_truth = dec.read_bytes(ref, self.config.decode.max_bytes)
             item.sha256 = hashlib.sha256(item.data).hexdigest()
@@ -64,27 +70,6 @@ class ReadImages(beam.DoFn):
         item.timings["read"] = time.perf_counter() - start
         Metrics.counter("dataset", "read").inc()
         yield item
-
-
-class DropDuplicates(beam.DoFn):
-    """Exact duplicates: the smallest key keeps the image; the others become failure rows."""
-
-    def process(self, item: ImageItem, losers: dict[str, str]) -> Iterator[Any]:
-        keeper = losers.get(item.ref.key)
-        if keeper is not None and keeper != item.ref.key:
-            failure = item.fail("dedup", "duplicate", f"same sha256 as '{keeper}'")
-            failure.detail += f" sha256={item.sha256}"
-            yield _failure_out(failure)
-            return
-        yield item
-
-
-def duplicate_losers(pairs: tuple[str, Iterable[str]]) -> Iterator[tuple[str, str]]:
-    """(sha256, keys) → (loser key, keeper key) for every key but the smallest."""
-    _, keys = pairs
-    keys = sorted(set(keys))
-    for key in keys[1:]:
-        yield key, keys[0]
 
 
 class DecodeImages(beam.DoFn):
@@ -153,7 +138,8 @@ class Segment(beam.DoFn):
         share = (time.perf_counter() - start) / max(len(ok), 1)
         for item, out in zip(ok, outputs, strict=True):
             if isinstance(out, AnnotatorFailure):
-                yield _failure_out(item.fail("segment", out.reason, out.detail))
+                reason = "out_of_memory" if "out of memory" in out.detail.lower() else out.reason
+                yield _failure_out(item.fail("segment", reason, out.detail))
                 continue
             assert isinstance(out, SegmentOutput)
             item.candidates, item.segment_dropped = out.candidates, dict(out.dropped)
@@ -282,9 +268,9 @@ class Assemble(beam.DoFn):
                 Metrics.counter("regions", region["level"]).inc()
         item.timings["assemble"] = time.perf_counter() - start
         yield ShardOutcome(item.ref.key, item.ref.shard, record, item.data if record else None,
-                           failures, item.timings, {item.ref.key: item.sha256}, item.segment_dropped)
+                           failures, item.timings, item.ref.uri, item.sha256, item.segment_dropped)
 
 
 def failure_outcome(failure: Failure) -> ShardOutcome:
     """A rejected input as the writer's input."""
-    return ShardOutcome(failure.key, failure.shard, None, None, [failure], {})
+    return ShardOutcome(failure.key, failure.shard, None, None, [failure], {}, failure.source)

@@ -1,8 +1,21 @@
 """Elements that flow between the pipeline's stages."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+# Infrastructure, not the input: a rerun of the same command redoes these images.
+TRANSIENT_REASONS = frozenset({
+    "timeout", "connection", "bad_response", "http_408", "http_429", "server_not_ready",
+    "out_of_memory", "worker_lost", "read_unavailable"})
+_HTTP_5XX = re.compile(r"^http_5\d\d$")
+
+
+def failure_class(reason: str) -> Literal["transient", "permanent"]:
+    """*transient* (infrastructure: timeouts, 5xx/429, connection refused, server not ready,
+    out of memory, lost worker) or *permanent* (the input or a model's answer is bad)."""
+    return "transient" if reason in TRANSIENT_REASONS or _HTTP_5XX.match(reason) else "permanent"
 
 
 @dataclass
@@ -33,10 +46,16 @@ class Failure:
     region_id: str | None = None
     shard: str = ""
 
+    @property
+    def transient(self) -> bool:
+        """True when a rerun should redo the input (see failure_class)."""
+        return failure_class(self.reason) == "transient"
+
     def row(self) -> dict[str, Any]:
         """Row of failures/*.parquet."""
         return {"key": self.key, "source": self.source, "stage": self.stage, "reason": self.reason,
-                "detail": self.detail[:2000], "region_id": self.region_id, "shard": self.shard}
+                "class": failure_class(self.reason), "detail": self.detail[:2000],
+                "region_id": self.region_id, "shard": self.shard}
 
 
 @dataclass
@@ -74,5 +93,11 @@ class ShardOutcome:
     image: bytes | None
     failures: list[Failure]
     timings: dict[str, float]
-    hashes: dict[str, str] = field(default_factory=dict)   # key -> sha256 of inputs read
+    uri: str = ""
+    sha256: str = ""
     dropped: dict[str, int] = field(default_factory=dict)  # candidate regions dropped, by reason
+
+    @property
+    def transient(self) -> bool:
+        """True when the input (or one of its regions) hit an infrastructure failure."""
+        return any(f.transient for f in self.failures)

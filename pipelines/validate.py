@@ -1,12 +1,16 @@
-"""`make validate OUTPUT=dir`: every sample of every shard against the schema, and the index,
-failures table and manifest against the shards. Exit 1 with a readable report on any problem.
+"""`make validate OUTPUT=dir`: every sample of every complete shard against the schema, each
+shard's index and failures files against it, and the manifest against them all. Shards are checked
+in parallel processes in bounded memory. Exit 1 with a readable report on any problem.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import io
 import json
+import multiprocessing
+import os
 import sys
 import tarfile
 from collections import Counter, defaultdict
@@ -17,6 +21,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
+from pipelines.layout import WORK_DIR, index_path
 from schemas import FAILURES_SCHEMA, IMAGES_SCHEMA, REGIONS_SCHEMA, record_errors
 
 
@@ -114,46 +119,97 @@ def check_shard(report: Report, name: str, data: bytes) -> dict[str, dict]:
     return records
 
 
-def _table(out: str, *parts: str) -> pa.Table:
+def _table(path: str) -> pa.Table:
     # use_threads=False: Arrow's thread pool next to Beam's can abort the interpreter at exit
-    return pq.read_table(io.BytesIO(_read(FileSystems.join(out, *parts))), use_threads=False)
+    return pq.read_table(io.BytesIO(_read(path)), use_threads=False)
 
 
-def _check_tables(report: Report, out: str, records: dict[str, tuple[str, dict]]) -> set[str]:
-    images = _table(out, "index", "images.parquet")
-    regions = _table(out, "index", "regions.parquet")
-    failures = _table(out, "failures", "failures.parquet")
-    for table, schema, name in ((images, IMAGES_SCHEMA, "index/images.parquet"),
-                                (regions, REGIONS_SCHEMA, "index/regions.parquet"),
-                                (failures, FAILURES_SCHEMA, "failures/failures.parquet")):
-        if table.schema.remove_metadata() != schema.remove_metadata():
-            report.add(name, f"schema differs from the expected one:\n{table.schema}")
-    indexed = {(r["key"], r["shard"]) for r in images.to_pylist()}
-    expected = {(k, f"{shard}") for k, (shard, _) in records.items()}
-    for key, shard in sorted(expected - indexed)[:20]:
-        report.add("index/images.parquet", f"no row for '{key}' in {shard}")
-    for key, shard in sorted(indexed - expected)[:20]:
-        report.add("index/images.parquet", f"row for '{key}' in {shard}, which has no such sample")
-    per_key = Counter(regions.column("key").to_pylist())
-    for key, (_, record) in records.items():
+def _check_index(report: Report, out: str, shard: str, records: dict[str, dict]) -> int:
+    """The shard's index and failures files against its records; returns its failed inputs."""
+    tables = {}
+    for table, schema in (("images", IMAGES_SCHEMA), ("regions", REGIONS_SCHEMA),
+                          ("failures", FAILURES_SCHEMA)):
+        where = index_path(out, table, shard)[len(out):].lstrip("/")
+        try:
+            tables[table] = _table(index_path(out, table, shard))
+        except Exception as exc:
+            report.add(where, f"missing or unreadable ({exc})")
+            return 0
+        if tables[table].schema.remove_metadata() != schema.remove_metadata():
+            report.add(where, f"schema differs from the expected one:\n{tables[table].schema}")
+            return 0
+    name = f"{shard}.tar"
+    indexed = {r["key"] for r in tables["images"].to_pylist() if r["shard"] == name}
+    for key in sorted(set(records) - indexed)[:20]:
+        report.add(f"index/images/{shard}.parquet", f"no row for '{key}'")
+    for key in sorted(indexed - set(records))[:20]:
+        report.add(f"index/images/{shard}.parquet", f"row for '{key}', which the shard does not hold")
+    per_key = Counter(tables["regions"].column("key").to_pylist())
+    for key, record in records.items():
         if per_key.get(key, 0) != len(record["regions"]):
-            report.add("index/regions.parquet", f"'{key}' has {per_key.get(key, 0)} rows, record has "
-                                                f"{len(record['regions'])} regions")
-    failed = {r["key"] for r in failures.to_pylist() if r["region_id"] is None}
-    for key in sorted(failed & set(records))[:20]:
-        report.add("failures/failures.parquet", f"'{key}' is both a record and a failed input")
-    return failed
+            report.add(f"index/regions/{shard}.parquet", f"'{key}' has {per_key.get(key, 0)} rows, "
+                                                        f"record has {len(record['regions'])} regions")
+    rows = tables["failures"].to_pylist()
+    # an input is (key, source): a duplicate_key row shares its key with another input's record
+    failed = {(r["key"], r["source"]) for r in rows if r["region_id"] is None and r["class"] == "permanent"}
+    written = {(key, record.get("source", {}).get("uri")) for key, record in records.items()}
+    for key, source in sorted(failed & written)[:20]:
+        report.add(f"failures/{shard}.parquet", f"'{key}' ({source}) is both a record and a failed input")
+    if any(r["class"] == "transient" for r in rows):
+        report.add(f"failures/{shard}.parquet", "a complete shard holds transient failures")
+    return len(failed)
 
 
-def validate(out: str) -> Report:
-    """Validate a dataset directory (any Beam filesystem path)."""
+@dataclass
+class ShardResult:
+    """What one shard's check reports back (small: no records)."""
+
+    shard: str
+    errors: list[str]
+    keys: list[str]
+    regions: int
+    failed: int
+
+
+def check_one(args: tuple[str, str, dict | None]) -> ShardResult:
+    """Check one complete shard (its tar, if any, and its index and failures files)."""
+    out, shard, entry = args
+    report = Report()
+    records: dict[str, dict] = {}
+    if entry is not None:
+        name = entry["name"]
+        try:
+            data = _read(FileSystems.join(out, "shards", name))
+        except Exception as exc:
+            report.add(f"shards/{name}", f"listed in manifest.json but unreadable ({exc})")
+            return ShardResult(shard, report.errors, [], 0, 0)
+        if hashlib.sha256(data).hexdigest() != entry.get("sha256") or len(data) != entry.get("size"):
+            report.add(f"shards/{name}", "sha256/size differ from manifest.json")
+        records = check_shard(report, f"shards/{name}", data)
+        if len(records) != entry.get("samples"):
+            report.add(f"shards/{name}", f"{len(records)} samples, manifest says {entry.get('samples')}")
+    failed = _check_index(report, out, shard, records)
+    return ShardResult(shard, report.errors, sorted(records),
+                       sum(len(r.get("regions", [])) for r in records.values()), failed)
+
+
+def _complete_shards(out: str) -> list[str]:
+    try:
+        matched = FileSystems.match([FileSystems.join(out, WORK_DIR, "*", "stats.json")])[0]
+    except Exception:
+        return []
+    return sorted(m.path.rstrip("/").split("/")[-2] for m in matched.metadata_list)
+
+
+def validate(out: str, processes: int | None = None) -> Report:
+    """Validate a dataset directory (any Beam filesystem path); shards are checked in parallel
+    worker processes, each returning only its problems and keys (memory stays bounded)."""
     report = Report()
     try:
         manifest = json.loads(_read(FileSystems.join(out, "manifest.json")))
     except Exception as exc:
         report.add("manifest.json", f"missing or unreadable ({exc})")
         return report
-    records: dict[str, tuple[str, dict]] = {}
     listed = {s["name"]: s for s in manifest.get("shards", [])}
     try:
         present = {m.path.rsplit("/", 1)[-1] for m in
@@ -162,38 +218,53 @@ def validate(out: str) -> Report:
         present = set()
     for extra in sorted(present - set(listed)):
         report.add("shards/", f"'{extra}' is not listed in manifest.json")
-    for name, entry in sorted(listed.items()):
-        try:
-            data = _read(FileSystems.join(out, "shards", name))
-        except Exception as exc:
-            report.add(f"shards/{name}", f"listed in manifest.json but unreadable ({exc})")
-            continue
-        report.shards += 1
-        if hashlib.sha256(data).hexdigest() != entry.get("sha256") or len(data) != entry.get("size"):
-            report.add(f"shards/{name}", "sha256/size differ from manifest.json")
-        shard_records = check_shard(report, f"shards/{name}", data)
-        if len(shard_records) != entry.get("samples"):
-            report.add(f"shards/{name}", f"{len(shard_records)} samples, manifest says {entry.get('samples')}")
-        for key, record in shard_records.items():
-            if key in records:
-                report.add(f"shards/{name}", f"key '{key}' also in {records[key][0]}")
-            records[key] = (name, record)
-            report.regions += len(record.get("regions", []))
-    report.samples = len(records)
-    try:
-        failed = _check_tables(report, out, records)
-    except Exception as exc:
-        report.add("index/failures", f"unreadable ({exc})")
-        return report
+    complete = _complete_shards(out)
+    for name in sorted(set(listed) - {f"{s}.tar" for s in complete}):
+        report.add(f"shards/{name}", "listed in manifest.json but its shard is not complete")
+    jobs = [(out, shard, listed.get(f"{shard}.tar")) for shard in complete]
+    owner: dict[str, str] = {}
+    failed = 0
+    workers = max(1, min(processes or os.cpu_count() or 1, len(jobs) or 1))
+    context = multiprocessing.get_context("spawn" if workers > 1 else None)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) if workers > 1 \
+            else _Inline() as pool:
+        for result in pool.map(check_one, jobs, chunksize=4):
+            report.errors.extend(result.errors)
+            report.shards += result.shard + ".tar" in listed
+            report.regions += result.regions
+            failed += result.failed
+            for key in result.keys:
+                if key in owner:
+                    report.add(f"shards/{result.shard}.tar", f"key '{key}' also in {owner[key]}.tar")
+                owner[key] = result.shard
+    report.samples = len(owner)
     counts = manifest.get("counts", {})
-    if counts.get("written") != len(records):
-        report.add("manifest.json", f"counts.written={counts.get('written')} but shards hold {len(records)}")
-    if counts.get("failed") != len(failed):
-        report.add("manifest.json", f"counts.failed={counts.get('failed')} but failures hold {len(failed)} inputs")
-    if counts.get("inputs") != len(records) + len(failed):
-        report.add("manifest.json", f"counts.inputs={counts.get('inputs')} != written {len(records)} "
-                                    f"+ failed {len(failed)}: an input is unaccounted for")
+    if counts.get("written") != len(owner):
+        report.add("manifest.json", f"counts.written={counts.get('written')} but shards hold {len(owner)}")
+    if counts.get("failed") != failed:
+        report.add("manifest.json", f"counts.failed={counts.get('failed')} but failures hold {failed} inputs")
+    waiting = counts.get("awaiting_retry", 0)
+    incomplete = manifest.get("incomplete_shards", [])
+    if not incomplete and counts.get("in_shards") != len(owner) + failed:
+        report.add("manifest.json", f"counts.in_shards={counts.get('in_shards')} != written {len(owner)} "
+                                    f"+ failed {failed}: an input is unaccounted for")
+    if waiting and not incomplete:
+        report.add("manifest.json", f"{waiting} inputs await a retry but no shard is incomplete")
     return report
+
+
+class _Inline:
+    """A one-process stand-in for a process pool."""
+
+    def __enter__(self) -> "_Inline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    @staticmethod
+    def map(fn, jobs, chunksize: int = 1):   # noqa: ANN001, ANN205 - mirrors Executor.map
+        return map(fn, jobs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Validate a built dataset against schema v1.")
     parser.add_argument("output")
     parser.add_argument("--max-errors", type=int, default=50)
+    parser.add_argument("--processes", type=int, default=None,
+                        help="worker processes checking shards (default: one per CPU)")
     args = parser.parse_args(argv)
-    report = validate(args.output)
+    report = validate(args.output, args.processes)
     print(report.text(args.max_errors))
     return 0 if report.ok else 1
 

@@ -1,38 +1,43 @@
-"""Writing shards atomically with completion markers, and merging per-shard parts at the end.
+"""Writing shards: outcomes are staged, then each shard is written once, atomically, when complete.
 
-Layout under OUT: ``shards/{shard}.tar`` (final names only appear complete: written under a
-temporary name, then renamed), ``_work/{shard}/`` (index and failure parts plus ``stats.json``,
-the completion marker written last), and after finalize ``index/``, ``failures/``,
-``manifest.json`` and ``README.md``.
+Images never travel through a shuffle here. ``StageOutcomes`` writes finished outcomes (record,
+image bytes, failures) into small staging files under ``_work/{shard}/staged/`` — the pattern of
+Beam's own file sinks — and only their names are grouped by shard. ``write_shard`` then reads its
+shard's staged outcomes (memory bounded by one shard) and:
+
+* if an input of the shard hit a *transient* failure, the shard is **not complete**: its failures
+  and ``members.parquet`` (the inputs settled so far) are written, the staged outcomes kept; a
+  rerun redoes only the transient inputs and completes the shard with the bytes a clean run writes;
+* otherwise it writes ``shards/{shard}.tar`` (temporary name, then renamed), the per-shard
+  ``index/images``, ``index/regions`` and ``failures`` parquet files, ``members.parquet``, and last
+  the completion marker ``_work/{shard}/stats.json``; then drops the staged files.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import pickle
 import uuid
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
+import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
 
-from pipelines.types import Failure, ShardOutcome
+from pipelines import layout as lay
+from pipelines.budget import endpoint_of
+from pipelines.types import ShardOutcome, failure_class
 from schemas import FAILURES_SCHEMA, IMAGES_SCHEMA, REGIONS_SCHEMA
 
-WORK_DIR = "_work"
-
-
-def shard_path(out: str, shard: str) -> str:
-    """Final path of a shard tar."""
-    return FileSystems.join(out, "shards", f"{shard}.tar")
-
-
-def stats_path(out: str, shard: str) -> str:
-    """Completion marker of a shard."""
-    return FileSystems.join(out, WORK_DIR, shard, "stats.json")
+MEMBERS_SCHEMA = pa.schema([("key", pa.string()), ("uri", pa.string()), ("sha256", pa.string()),
+                            ("shard", pa.string()), ("status", pa.string())])
+STAGED = "staged"
 
 
 def record_json(record: dict[str, Any]) -> bytes:
@@ -50,23 +55,22 @@ def tar_bytes(samples: list[tuple[str, str, bytes, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-    with FileSystems.create(tmp) as handle:
-        handle.write(data)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
-
-
-def _parquet_bytes(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
+def parquet_bytes(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
+    """One parquet file of ``rows``."""
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
     return buffer.getvalue()
 
 
+def read_parquet(path: str) -> pa.Table:
+    """A parquet file through Beam's filesystems."""
+    with FileSystems.open(path) as handle:
+        # use_threads=False: Arrow's thread pool next to Beam's can abort the interpreter at exit
+        return pq.read_table(io.BytesIO(handle.read()), use_threads=False)
+
+
 def image_row(record: dict[str, Any], shard: str) -> dict[str, Any]:
-    """Row of index/images.parquet."""
+    """Row of index/images."""
     regions = record["regions"]
     text = record["image_level"]
     return {"key": record["key"], "shard": f"{shard}.tar", "source_uri": record["source"]["uri"],
@@ -80,7 +84,7 @@ def image_row(record: dict[str, Any], shard: str) -> dict[str, Any]:
 
 
 def region_rows(record: dict[str, Any], shard: str) -> list[dict[str, Any]]:
-    """Rows of index/regions.parquet."""
+    """Rows of index/regions."""
     rows = []
     for r in record["regions"]:
         x, y, w, h = r["bbox"]
@@ -92,62 +96,162 @@ def region_rows(record: dict[str, Any], shard: str) -> list[dict[str, Any]]:
     return rows
 
 
-def write_shard(out: str, shard: str, outcomes: Iterable[ShardOutcome], settings_hash: str) -> dict[str, Any]:
-    """Write one shard and its parts; the stats file (written last) marks it complete."""
-    outcomes = sorted(outcomes, key=lambda o: o.key)
-    samples, images, regions, failures = [], [], [], []
+# --------------------------------------------------------------------------- staging
+
+
+def stage(out: str, shard: str, run_id: str, outcomes: list[ShardOutcome]) -> str:
+    """Write one staging file of a shard's outcomes; returns its path."""
+    path = lay.work_path(out, shard, f"{STAGED}/{run_id}-{uuid.uuid4().hex[:12]}.pkl")
+    lay.write_atomic(path, pickle.dumps(outcomes, protocol=pickle.HIGHEST_PROTOCOL))
+    return path
+
+
+class StageOutcomes(beam.DoFn):
+    """ShardOutcome → (shard, staging file): outcomes buffered per shard, written in files of at
+    most ``max_bytes`` (and at the end of each bundle), so a worker holds little at a time."""
+
+    def __init__(self, out: str, run_id: str, max_bytes: int = 32 * 1024 * 1024) -> None:
+        self.out, self.run_id, self.max_bytes = out, run_id, max_bytes
+        self.buffers: dict[str, list[ShardOutcome]] = {}
+        self.size = 0
+
+    def start_bundle(self) -> None:
+        self.buffers, self.size = {}, 0
+
+    def process(self, outcome: ShardOutcome) -> Iterator[tuple[str, str]]:
+        self.buffers.setdefault(outcome.shard, []).append(outcome)
+        self.size += len(outcome.image or b"") + 4096
+        if self.size >= self.max_bytes:
+            yield from self._flush()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        for element in self._flush():
+            yield WindowedValue(element, GlobalWindow().max_timestamp(), [GlobalWindow()])
+
+    def _flush(self) -> Iterator[tuple[str, str]]:
+        buffers, self.buffers, self.size = self.buffers, {}, 0
+        for shard, outcomes in sorted(buffers.items()):
+            yield shard, stage(self.out, shard, self.run_id, outcomes)
+
+
+def staged_outcomes(out: str, shard: str) -> dict[tuple[str, str], ShardOutcome]:
+    """Every staged outcome of a shard, by (key, uri); a later run's outcome replaces an earlier
+    one."""
+    pattern = lay.work_path(out, shard, f"{STAGED}/*.pkl")
+    try:
+        paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    except Exception:   # nothing staged
+        paths = []
+    chosen: dict[tuple[str, str], ShardOutcome] = {}
+    for path in paths:   # names start with the run id, so later runs come last
+        with FileSystems.open(path) as handle:
+            for outcome in pickle.loads(handle.read()):
+                chosen[(outcome.key, outcome.uri)] = outcome
+    return chosen
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def _member(o: ShardOutcome, shard: str) -> dict[str, Any]:
+    return {"key": o.key, "uri": o.uri, "sha256": o.sha256, "shard": shard,
+            "status": "written" if o.record is not None else "failed"}
+
+
+def shard_stats(shard: str, outcomes: list[ShardOutcome]) -> dict[str, Any]:
+    """Counts of one shard (summed over shards into the manifest by the pipeline)."""
+    failed_inputs = [f for o in outcomes for f in o.failures if f.region_id is None]
+    region_failures = [f for o in outcomes if o.record is not None for f in o.failures
+                       if f.region_id is not None]
+    levels: Counter = Counter()
     timings: Counter = Counter()
     dropped: Counter = Counter()
-    hashes: dict[str, str] = {}
+    caption_chars = long_chars = without_masks = 0
     for o in outcomes:
-        failures.extend(f.row() for f in o.failures)
         timings.update(o.timings)
         dropped.update(o.dropped)
-        if o.record is not None:
-            samples.append((o.key, o.record["image"]["format"], o.image, record_json(o.record)))
-            images.append(image_row(o.record, shard))
-            regions.extend(region_rows(o.record, shard))
-            hashes[o.key] = o.record["source"]["sha256"]
-        hashes.update(o.hashes)
-    stats: dict[str, Any] = {"shard": shard, "settings_hash": settings_hash, "samples": len(samples),
-                             "keys": [s[0] for s in samples], "hashes": hashes,
-                             "timings": dict(timings), "regions_dropped": dict(dropped), "tar": None}
-    if samples:
-        data = tar_bytes(samples)
-        _write_atomic(shard_path(out, shard), data)
+        if o.record is None:
+            continue
+        regions = o.record["regions"]
+        levels.update(r["level"] for r in regions)
+        caption_chars += len(o.record["image_level"]["caption"])
+        long_chars += sum(len(r["long_caption"]) for r in regions)
+        without_masks += not any(r["level"] == "pixel" for r in regions)
+    transient = sorted(o.key for o in outcomes if o.transient)
+    where: Counter = Counter()
+    for f in (f for o in outcomes for f in o.failures if f.transient):
+        url = endpoint_of(f.detail)
+        where[f"{f.stage}/{f.reason}" + (f" at {url}" if url else "")] += 1
+    return {
+        "shard": shard, "complete": not transient, "inputs": len(outcomes),
+        "written": sum(o.record is not None and not o.transient for o in outcomes),
+        "failed": sum(o.record is None and not o.transient for o in outcomes),
+        "transient": len(transient), "transient_keys": transient[:20],
+        "transient_by_where": dict(where),
+        "failed_by_reason": dict(Counter(f"{f.stage}/{f.reason}" for f in failed_inputs)),
+        "failed_by_class": dict(Counter(failure_class(f.reason) for f in failed_inputs)),
+        "region_failures_by_reason": dict(Counter(f"{f.stage}/{f.reason}" for f in region_failures)),
+        "regions_by_level": dict(levels), "regions_dropped_by_reason": dict(dropped),
+        "images_without_masks": without_masks, "caption_chars": caption_chars,
+        "region_long_caption_chars": long_chars, "timings": dict(timings), "tar": None,
+    }
+
+
+def write_shard(out: str, shard: str, settings_hash: str, layout: lay.Layout) -> dict[str, Any]:
+    """Write one shard from its staged outcomes; returns its stats (``complete`` says whether the
+    completion marker was written)."""
+    lay.write_layout_once(out, layout)
+    outcomes = [o for _, o in sorted(staged_outcomes(out, shard).items())]
+    stats = shard_stats(shard, outcomes)
+    stats["settings_hash"] = settings_hash
+    failures = [f.row() | {"shard": shard} for o in outcomes for f in o.failures]
+    settled = [o for o in outcomes if not o.transient]
+    if not stats["complete"]:
+        lay.write_atomic(lay.index_path(out, "failures", shard), parquet_bytes(failures, FAILURES_SCHEMA))
+        lay.write_atomic(lay.work_path(out, shard, "members.parquet"),
+                         parquet_bytes([_member(o, shard) for o in settled], MEMBERS_SCHEMA))
+        return stats
+    written = [o for o in outcomes if o.record is not None]
+    if written:
+        data = tar_bytes([(o.key, o.record["image"]["format"], o.image, record_json(o.record))
+                          for o in written])
+        lay.write_atomic(lay.shard_path(out, shard), data)
         stats["tar"] = {"name": f"{shard}.tar", "sha256": hashlib.sha256(data).hexdigest(),
-                        "size": len(data)}
-    work = FileSystems.join(out, WORK_DIR, shard)
-    _write_atomic(FileSystems.join(work, "images.parquet"), _parquet_bytes(images, IMAGES_SCHEMA))
-    _write_atomic(FileSystems.join(work, "regions.parquet"), _parquet_bytes(regions, REGIONS_SCHEMA))
-    _write_atomic(FileSystems.join(work, "failures.parquet"), _parquet_bytes(failures, FAILURES_SCHEMA))
-    _write_atomic(stats_path(out, shard), json.dumps(stats, sort_keys=True, indent=1).encode())
+                        "size": len(data), "samples": len(written)}
+    lay.write_atomic(lay.index_path(out, "images", shard),
+                     parquet_bytes([image_row(o.record, shard) for o in written], IMAGES_SCHEMA))
+    lay.write_atomic(lay.index_path(out, "regions", shard),
+                     parquet_bytes([r for o in written for r in region_rows(o.record, shard)],
+                                   REGIONS_SCHEMA))
+    lay.write_atomic(lay.index_path(out, "failures", shard), parquet_bytes(failures, FAILURES_SCHEMA))
+    lay.write_atomic(lay.work_path(out, shard, "members.parquet"),
+                     parquet_bytes([_member(o, shard) for o in settled], MEMBERS_SCHEMA))
+    lay.write_atomic(lay.work_path(out, shard, "stats.json"),
+                     json.dumps(stats, sort_keys=True, indent=1).encode())
+    _drop_staged(out, shard)
     return stats
 
 
-def read_stats(out: str, shard: str) -> dict[str, Any] | None:
-    """A shard's stats if it is complete (marker present and tar, if any, of the recorded size)."""
-    path = stats_path(out, shard)
-    if not FileSystems.exists(path):
-        return None
+def _drop_staged(out: str, shard: str) -> None:
+    try:
+        paths = [m.path for m in FileSystems.match(
+            [lay.work_path(out, shard, f"{STAGED}/*")])[0].metadata_list]
+    except Exception:
+        return
+    if paths:
+        FileSystems.delete(paths)
+
+
+def read_json(path: str) -> dict[str, Any]:
+    """A JSON file through Beam's filesystems."""
     with FileSystems.open(path) as handle:
-        stats = json.loads(handle.read())
-    if stats.get("tar"):
-        tar = shard_path(out, shard)
-        if not FileSystems.exists(tar):
-            return None
-        size = FileSystems.match([tar])[0].metadata_list[0].size_in_bytes
-        if size != stats["tar"]["size"]:
-            return None
-    return stats
+        return json.loads(handle.read())
 
 
-def read_parts(out: str, shard: str, name: str) -> pa.Table:
-    """One of a shard's parquet parts."""
-    with FileSystems.open(FileSystems.join(out, WORK_DIR, shard, f"{name}.parquet")) as handle:
-        return pq.read_table(io.BytesIO(handle.read()), use_threads=False)
-
-
-def failures_by_reason(failures: list[Failure]) -> dict[str, int]:
-    """Counts "stage/reason" of whole-input failures."""
-    return dict(Counter(f"{f.stage}/{f.reason}" for f in failures if f.region_id is None))
+def complete_shard_names(out: str) -> Iterable[str]:
+    """Names of complete shards (one listing of the markers; used by tools and tests)."""
+    try:
+        matched = FileSystems.match([FileSystems.join(out, lay.WORK_DIR, "*", "stats.json")])[0]
+    except Exception:
+        return []
+    return sorted(m.path.rstrip("/").split("/")[-2] for m in matched.metadata_list)

@@ -122,6 +122,8 @@ FAILURE_COLUMNS = [
     Column("source", pa.string(), "Input path or URI."),
     Column("stage", pa.string(), "Pipeline stage that rejected it (read, decode, dedup, segment, ...)."),
     Column("reason", pa.string(), "Machine-readable reason (truncated, duplicate, http_500, ...)."),
+    Column("class", pa.string(), "permanent (the input or a model answer is bad: final) or "
+           "transient (infrastructure: the shard is not complete; a rerun redoes the input)."),
     Column("detail", pa.string(), "Human-readable detail."),
     Column("region_id", pa.string(), "Region id for a rejected region; null for a whole input.",
            nullable=True),

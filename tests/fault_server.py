@@ -71,6 +71,7 @@ class FaultConfig:
     slow_s: float = 0.2             # extra delay of a "slow" answer
     record: bool = True             # keep headers and bodies of every request
     model: str = "fake-vlm"
+    deterministic: bool = False     # answers depend on the request only (like a seeded model)
 
     def check(self) -> None:
         """Reject unknown fault names early, with the known ones in the message."""
@@ -186,11 +187,14 @@ class FaultApp:
             return "the cat sat on the mat " * 40, "stop"
         if fault == "bad_json":
             return '{"tags": ["red", "chair"', "stop"
-        text = json.dumps(instance_of(schema, self.n_requests)) if schema else self._caption()
+        n = self.n_requests
+        if self.config.deterministic:
+            digest = hashlib.sha1(json.dumps(body.get("messages"), sort_keys=True).encode()).digest()
+            n = int.from_bytes(digest[:4], "big") % 100_000
+        text = json.dumps(instance_of(schema, n)) if schema else self._caption(n)
         return text, "length" if fault == "truncated" else "stop"
 
-    def _caption(self) -> str:
-        n = self.n_requests
+    def _caption(self, n: int) -> str:
         adj = [_WORDS[(n * k) % len(_WORDS)] for k in (1, 3, 5)]
         noun = [_NOUNS[(n * k + 1) % len(_NOUNS)] for k in (1, 7)]
         return (f"A {adj[0]} {noun[0]} stands next to a {adj[1]} {noun[1]}, "

@@ -21,7 +21,7 @@ from pipelines.validate import validate
 REPO = Path(__file__).resolve().parents[1]
 DAG_FILE = REPO / "dags" / "build_dataset.py"
 SETUP = REPO / "tools" / "airflow_env.sh"
-PUBLISHED = ("index/images.parquet", "index/regions.parquet", "README.md", "manifest.json")
+PUBLISHED_DIRS = ("index/images", "index/regions", "failures")
 
 
 def _clean_env() -> dict[str, str]:
@@ -83,7 +83,11 @@ def test_dag_builds_validates_and_publishes(airflow_env: None, tmp_path: Path) -
     report = validate(str(out))
     assert report.ok, report.text()
     assert report.samples == 3
-    for name in PUBLISHED:
+    copied = sorted(p.relative_to(published).as_posix() for p in published.rglob("*") if p.is_file())
+    expected = sorted(p.relative_to(out).as_posix() for folder in PUBLISHED_DIRS
+                      for p in (out / folder).glob("*.parquet")) + ["README.md", "manifest.json"]
+    assert copied == sorted(expected) and any(name.startswith("index/images/") for name in copied)
+    for name in copied:
         assert (published / name).read_bytes() == (out / name).read_bytes(), name
     manifest = json.loads((published / "manifest.json").read_text())
     assert manifest["counts"]["written"] == 3 and manifest["counts"]["inputs"] == 3

@@ -57,7 +57,7 @@ def test_every_input_is_accounted_for(tmp_path: Path, fast_config: dict) -> None
     report = validate.validate(str(out))
     assert report.ok, report.text()
     got = records(out)
-    failures = pq.read_table(out / "failures" / "failures.parquet").to_pylist()
+    failures = pq.read_table(out / "failures").to_pylist()
     outcome = {k: "ok" for k in got}
     outcome.update({f["key"]: f"{f['stage']}/{f['reason']}" for f in failures if f["region_id"] is None})
     assert outcome == expected
@@ -95,7 +95,7 @@ def test_outputs_load_everywhere_and_masks_match(tmp_path: Path, fast_config: di
                       cache_dir=str(tmp_path / "hf"))
     assert len(ds) == 6 and {"png", "json"} <= set(ds.column_names)
     assert ds[0]["json"]["schema_version"] == "1"
-    images = pq.read_table(out / "index" / "images.parquet")
+    images = pq.read_table(out / "index" / "images")
     assert images.num_rows == 6 and manifest["counts"]["regions_by_level"]["pixel"] == n_masks
 
 
@@ -105,20 +105,25 @@ def test_workers_give_identical_shards(tmp_path: Path, fast_config: dict) -> Non
     assert m1["shards"] == m2["shards"] and len(m1["shards"]) == 2
     for shard in m1["shards"]:
         assert (out1 / "shards" / shard["name"]).read_bytes() == (out2 / "shards" / shard["name"]).read_bytes()
-    assert (out1 / "index" / "regions.parquet").read_bytes() == (out2 / "index" / "regions.parquet").read_bytes()
+    for one in sorted((out1 / "index" / "regions").glob("*.parquet")):
+        assert one.read_bytes() == (out2 / "index" / "regions" / one.name).read_bytes()
     assert m2["beam_counters_this_run"]["dataset/written"] == 8   # counters add up across processes
 
 
 def test_resume_rebuilds_only_missing_shards(tmp_path: Path, fast_config: dict) -> None:
     out, first = build(tmp_path, "synthetic://8?size=64", config=fast_config)
-    kept = out / "shards" / "train-000000.tar"
+    kept_name, lost_name = (s["name"] for s in first["shards"])
+    kept = out / "shards" / kept_name
     kept_mtime = kept.stat().st_mtime_ns
-    lost = out / "shards" / "train-000001.tar"
+    lost = out / "shards" / lost_name
     original = lost.read_bytes()
-    lost.write_bytes(original[:1000])                   # a partial tar under the final name
-    (out / "shards" / "train-000001.tar.tmp-deadbeef").write_bytes(b"partial")
+    # killed while writing: a partial tar under the final name, no completion marker
+    lost.write_bytes(original[:1000])
+    (out / "_work" / lost_name[:-4] / "stats.json").unlink()
+    (out / "_work" / lost_name[:-4] / "members.parquet").unlink()
+    (out / "shards" / f"{lost_name}.tmp-deadbeef").write_bytes(b"partial")
     _, second = build(tmp_path, "synthetic://8?size=64", config=fast_config)
-    assert second["resumed_shards"] == 1
+    assert second["shards_this_run"] == 1
     assert kept.stat().st_mtime_ns == kept_mtime       # the complete shard was skipped
     assert lost.read_bytes() == original                # the broken one was rebuilt, same bytes
     assert not list((out / "shards").glob("*.tmp-*"))
@@ -132,7 +137,7 @@ def test_other_settings_refuse_to_mix(tmp_path: Path, fast_config: dict) -> None
     with pytest.raises(ConfigError, match="--output"):
         build(tmp_path, "synthetic://2?size=64", config=other)
     _, manifest = build(tmp_path, "synthetic://2?size=64", config=other, extra=["--overwrite"])
-    assert manifest["resumed_shards"] == 0 and validate.validate(str(out)).ok
+    assert manifest["shards_this_run"] == len(manifest["shards"]) and validate.validate(str(out)).ok
 
 
 def test_validate_catches_broken_outputs(tmp_path: Path, fast_config: dict) -> None:
@@ -156,7 +161,7 @@ def test_validate_catches_broken_outputs(tmp_path: Path, fast_config: dict) -> N
     assert not report.ok
     text = report.text()
     assert "sha256/size differ" in text and "differs from the mask's" in text and "area" in text
-    (broken / "index" / "images.parquet").unlink()
+    next((broken / "index" / "images").glob("*.parquet")).unlink()
     assert "unreadable" in validate.validate(str(broken)).text()
 
 
@@ -175,7 +180,10 @@ def test_beam_counters_mirror_the_manifest(tmp_path: Path, fast_config: dict) ->
     _, manifest = build(tmp_path, str(tmp_path / "in"), config=fast_config)
     counters = manifest["beam_counters_this_run"]
     assert counters["dataset/written"] == manifest["counts"]["written"]
-    assert counters["dataset/read"] == len(expected) - manifest["counts"]["failed_by_reason"].get("read/read_error", 0)
+    by_reason = manifest["counts"]["failed_by_reason"]
+    # duplicates are found from hashes before the images are read for work
+    assert counters["dataset/read"] == len(expected) - by_reason.get("read/read_error", 0) \
+        - by_reason["dedup/duplicate"]
     for key, count in manifest["counts"]["failed_by_reason"].items():
         assert counters[f"failures/{key.replace('/', '.')}"] == count
     assert counters["regions/pixel"] == manifest["counts"]["regions_by_level"]["pixel"]

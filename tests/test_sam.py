@@ -235,7 +235,7 @@ def test_bad_image_is_a_failure_for_that_image_only(image: np.ndarray) -> None:
 
 @pytest.mark.parametrize("settings, background, at_least", [
     ({**LOOSE}, (40, 70, 100), 1),
-    ({**LOOSE, "box_nms_thresh": 1.0, "bf16": True}, (40, 70, 100), 20),
+    ({**LOOSE, "box_nms_thresh": 1.0}, (40, 70, 100), 20),
     ({**LOOSE, "crop_n_layers": 1, "min_mask_region_area": 30}, (40, 70, 100), 1),
     ({**UNFILTERED}, (0, 0, 0), 4),
     ({**UNFILTERED, "crop_n_layers": 1, "min_mask_region_area": 30}, (0, 0, 0), 3),
@@ -248,6 +248,26 @@ def test_fast_path_matches_stock_exactly_on_cpu(settings: dict, background: tupl
     assert len(stock.candidates) >= at_least
     assert comparable(fast) == comparable(stock)
     assert fast.dropped == stock.dropped
+
+
+def test_bf16_is_ignored_on_cpu_and_provenance_says_float32(image: np.ndarray,
+                                                            many: SegmentOutput) -> None:
+    assert len(many.candidates) >= 20                        # stock, float32
+    for fast in (False, True):
+        bf16 = auto(fast=fast, box_nms_thresh=1.0, bf16=True, **LOOSE)
+        assert comparable(run_one(bf16, image)) == comparable(many), fast  # no bf16 arithmetic
+        assert bf16.provenance()["dtype"] == "float32"
+        assert bf16.provenance()["settings"]["bf16"] is True  # what was asked is kept as well
+
+
+def test_provenance_dtype_is_bfloat16_only_with_bf16_on_cuda() -> None:
+    def dtype(device: str, bf16: bool) -> str:
+        segmenter = SamAutoSegmenter({"model_type": "tiny", "device": device, "bf16": bf16})
+        return segmenter.provenance()["dtype"]     # no setup: no GPU needed to ask
+
+    assert dtype("cuda", True) == dtype("cuda:1", True) == "bfloat16"
+    assert dtype("cuda", False) == dtype("cpu", True) == dtype("cpu", False) == "float32"
+    assert dtype("auto", True) == ("bfloat16" if torch.cuda.is_available() else "float32")
 
 
 def test_fast_path_encodes_a_batch_of_images_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -305,9 +325,13 @@ def test_fast_path_chunking_and_out_of_memory_split(image: np.ndarray, many: Seg
 
 
 def test_fast_path_with_other_batch_size_agrees(image: np.ndarray, many: SegmentOutput) -> None:
-    out = run_one(auto(fast=True, points_per_batch=24, box_nms_thresh=1.0, **LOOSE), image)
-    assert abs(len(out.candidates) - len(many.candidates)) <= max(1, len(many.candidates) // 10)
-    assert (sam_bench.mask_agreement([many], [out]) or 0.0) >= 0.9
+    # 7 does not divide the 64 points, and its batches round differently (~1e-7) from stock's.
+    out = run_one(auto(fast=True, points_per_batch=7, box_nms_thresh=1.0, **LOOSE), image)
+    assert len(many.candidates) > 5
+    # One to one, in order: each stock mask has its fast twin and each fast mask its stock twin.
+    # (Matching each mask to any mask of the other output would prove little here: most of these
+    # masks have a near-copy at IoU >= 0.99 in the same output.)
+    assert_same_masks(out, comparable(many))
 
 
 def test_vectorised_rle_matches_segment_anything() -> None:
@@ -389,17 +413,37 @@ def test_sam_boxes_without_boxes_or_with_bad_ones(image: np.ndarray) -> None:
 # --------------------------------------------------------------------------- benchmark
 
 
-def test_bench_smoke_report(tmp_path: Path) -> None:
+def test_bench_smoke_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outputs: list[list[SegmentOutput]] = []            # stock's, then fast's
+    time_path = sam_bench.time_path
+
+    def keep_outputs(*args: Any, **kwargs: Any) -> Any:
+        report, outs = time_path(*args, **kwargs)
+        outputs.append(outs)
+        return report, outs
+
+    monkeypatch.setattr(sam_bench, "time_path", keep_outputs)
     path = tmp_path / "bench.json"
     assert sam_bench.main(["--smoke", "--json", str(path)]) == 0
     report = json.loads(path.read_text())
     assert report["smoke"] is True and report["model_type"] == "tiny" and report["device"] == "cpu"
-    assert report["images"] == 2 and report["points_per_side"] == 8
-    for path_name in ("stock", "fast"):
+    assert report["images"] == 2 and report["points_per_side"] == 8 and report["gpu"] is None
+    # What the benchmark is for: the fast path gives stock's masks, on every image.
+    stock_out, fast_out = outputs
+    assert len(stock_out) == len(fast_out) == 2
+    assert sum(len(out.candidates) for out in stock_out) >= 2
+    for stock, fast in zip(stock_out, fast_out, strict=True):
+        assert_same_masks(fast, comparable(stock))
+    assert report["mask_agreement"] == 1.0
+    # The report describes those runs: per-path numbers in range, bf16 off on a CPU.
+    for path_name, outs in (("stock", stock_out), ("fast", fast_out)):
         part = report[path_name]
-        assert part["ms_per_image"] > 0 and part["masks_per_image"] >= 0
-        assert part["points_per_batch"] >= 1
-    assert report["speedup"] == pytest.approx(
-        report["stock"]["ms_per_image"] / report["fast"]["ms_per_image"])
-    assert report["target"]["min_speedup"] == 5.0
-    assert report["versions"]["segment_anything"] == "1.0"
+        assert part["masks_per_image"] == sum(len(o.candidates) for o in outs) / len(outs)
+        assert 0 < part["ms_per_image"] < 60_000 and 0 < part["ms_per_image_median"] < 60_000
+        assert isinstance(part["points_per_batch"], int) and 1 <= part["points_per_batch"] <= 64
+        assert part["bf16"] is False and part["peak_gpu_mb"] is None
+    assert report["speedup"] > 0 and np.isfinite(report["speedup"])
+    target = report["target"]
+    assert target["min_speedup"] > 1 and target["max_fast_ms_per_image"] > 0
+    assert "vit_h" in target["applies_to"]
+    assert report["versions"] == {"torch": torch.__version__, "segment_anything": "1.0"}

@@ -104,5 +104,5 @@ def test_given_sa1b_and_coco_imports(tmp_path: Path) -> None:
     coco_boxes = sorted(tuple(g["bbox"]) for g in got["img1"]["regions"] if g["level"] == "pixel")
     assert coco_boxes == sorted(tuple(masks.bbox(masks.from_polygons(a["segmentation"], 128, 128)))
                                 for a in coco["annotations"])
-    regions = pq.read_table(out / "index" / "regions.parquet")
+    regions = pq.read_table(out / "index" / "regions")
     assert regions.num_rows == sum(len(r["regions"]) for r in got.values())

@@ -1,10 +1,10 @@
-"""Input enumeration and shard assignment on small trees, manifests and tars made in tmp_path."""
+"""Input listing (the functions ReadInputs runs in workers) and the shard layout, on small trees,
+manifests and tars made in tmp_path."""
 from __future__ import annotations
 
 import csv
 import io
 import json
-import random
 import re
 import tarfile
 from pathlib import Path
@@ -17,7 +17,9 @@ from PIL import Image
 
 from annotators.base import ConfigError
 from pipelines.decode import read_bytes
-from pipelines.sources import assign_shards, enumerate_inputs
+from pipelines import layout
+from pipelines.plan import FAILED, PRESENT, VANISHED, decide
+from pipelines.sources import list_inputs
 from pipelines.types import ImageRef
 
 KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -48,7 +50,7 @@ def test_directory_is_recursive_case_insensitive_and_skips_non_images(tmp_path: 
         _write(root / name)
     (root / "notes.txt").write_text("not an image")
     (root / "sub" / "data.json").write_text("{}")
-    refs = enumerate_inputs(str(root))
+    refs = list_inputs(str(root))
     keys = {Path(ref.uri).relative_to(root).as_posix(): ref.key for ref in refs}
     assert keys == {"top.JPG": "top", "sub/mid.Png": "sub_mid", "sub/deeper/low.jpeg": "sub_deeper_low",
                     "sub/x.webp": "sub_x"}
@@ -58,39 +60,37 @@ def test_directory_is_recursive_case_insensitive_and_skips_non_images(tmp_path: 
 def test_keys_are_safe(tmp_path: Path) -> None:
     for name in ["a b+c.png", "ünï cødé.png", "(1).jpg", "dir.with.dots/x.y.png"]:
         _write(tmp_path / name)
-    refs = enumerate_inputs(str(tmp_path))
+    refs = list_inputs(str(tmp_path))
     assert len(refs) == 4
     assert all(KEY.match(ref.key) for ref in refs)
     assert _by_uri(refs)[str(tmp_path / "dir.with.dots/x.y.png")].key == "dir_with_dots_x_y"
 
 
-def test_colliding_keys_become_unique_deterministically(tmp_path: Path) -> None:
-    for name in ["a b.png", "a_b.png", "a-b.png", "sub/c.png", "sub_c.png"]:
+def test_colliding_keys_are_kept_as_derived(tmp_path: Path) -> None:
+    """A key depends on its input alone: colliding names keep the same key (the plan then makes
+    all but one a duplicate_key failure row), so adding a file never renames another."""
+    for name in ["a b.png", "a_b.png", "a-b.png"]:
         _write(tmp_path / name)
-    first = {ref.uri: ref.key for ref in assign_shards(enumerate_inputs(str(tmp_path)), 10, "train")}
-    refs = enumerate_inputs(str(tmp_path))
-    random.Random(0).shuffle(refs)
-    second = {ref.uri: ref.key for ref in assign_shards(refs, 10, "train")}
-    assert first == second
-    assert len(set(first.values())) == 5
-    assert all(KEY.match(key) for key in first.values())
-    assert first[str(tmp_path / "a-b.png")] == "a-b"            # no collision: left alone
-    assert first[str(tmp_path / "a b.png")].startswith("a_b-")
-    assert first[str(tmp_path / "a_b.png")].startswith("a_b-")
+    first = {ref.uri: ref.key for ref in list_inputs(str(tmp_path))}
+    _write(tmp_path / "a+b.png")
+    second = {ref.uri: ref.key for ref in list_inputs(str(tmp_path))}
+    assert {u: k for u, k in second.items() if u in first} == first
+    assert first[str(tmp_path / "a b.png")] == first[str(tmp_path / "a_b.png")] == "a_b"
+    assert first[str(tmp_path / "a-b.png")] == "a-b"
 
 
 def test_glob(tmp_path: Path) -> None:
     for name in ["img1.png", "img2.jpg", "other.png", "sub/img3.png"]:
         _write(tmp_path / name)
-    refs = enumerate_inputs(str(tmp_path / "img*"))
+    refs = list_inputs(str(tmp_path / "img*"))
     assert sorted(ref.key for ref in refs) == ["img1", "img2"]
-    refs = enumerate_inputs(str(tmp_path / "*.png"))
+    refs = list_inputs(str(tmp_path / "*.png"))
     assert sorted(ref.key for ref in refs) == ["img1", "other"]
 
 
 def test_single_file(tmp_path: Path) -> None:
     path = _write(tmp_path / "deep" / "One Photo.PNG")
-    [ref] = enumerate_inputs(str(path))
+    [ref] = list_inputs(str(path))
     assert ref.key == "One_Photo" and ref.uri == str(path)
     assert read_bytes(ref, 10**6)[0] == path.read_bytes()
 
@@ -122,7 +122,7 @@ def test_jsonl_manifest(tmp_path: Path) -> None:
     rows = [{"path": "images/cat.png", "key": "cat-01", "dataset": "pets", "boxes": BOXES, "masks": MASKS},
             {"path": str(tmp_path / "images" / "dog.png")}]
     manifest.write_text("\n".join(json.dumps(row) for row in rows) + "\n\n")
-    _check_manifest_refs(enumerate_inputs(str(manifest)), tmp_path)
+    _check_manifest_refs(list_inputs(str(manifest)), tmp_path)
 
 
 def test_csv_manifest_cells_hold_json(tmp_path: Path) -> None:
@@ -134,7 +134,7 @@ def test_csv_manifest_cells_hold_json(tmp_path: Path) -> None:
         writer.writerow({"path": "images/cat.png", "key": "cat-01", "dataset": "pets",
                          "boxes": json.dumps(BOXES), "masks": json.dumps(MASKS)})
         writer.writerow({"path": "images/dog.png", "key": "", "dataset": "", "boxes": "", "masks": ""})
-    _check_manifest_refs(enumerate_inputs(str(manifest)), tmp_path)
+    _check_manifest_refs(list_inputs(str(manifest)), tmp_path)
 
 
 def test_parquet_manifest(tmp_path: Path) -> None:
@@ -148,7 +148,7 @@ def test_parquet_manifest(tmp_path: Path) -> None:
         "masks": [MASKS, None],
     })
     pq.write_table(table, manifest)
-    _check_manifest_refs(enumerate_inputs(str(manifest)), tmp_path)
+    _check_manifest_refs(list_inputs(str(manifest)), tmp_path)
 
 
 def test_manifest_numeric_keys_are_kept(tmp_path: Path) -> None:
@@ -156,20 +156,26 @@ def test_manifest_numeric_keys_are_kept(tmp_path: Path) -> None:
     manifest = tmp_path / "list.jsonl"
     manifest.write_text(json.dumps({"path": "images/cat.png", "key": 0}) + "\n"
                         + json.dumps({"path": "images/dog.png", "key": 1}) + "\n")
-    assert [ref.key for ref in enumerate_inputs(str(manifest))] == ["0", "1"]
+    assert [ref.key for ref in list_inputs(str(manifest))] == ["0", "1"]
 
 
-def test_manifest_row_without_path_names_the_row(tmp_path: Path) -> None:
+def test_manifest_row_without_path_becomes_a_named_failure(tmp_path: Path) -> None:
     _manifest_images(tmp_path)
     manifest = tmp_path / "list.jsonl"
-    manifest.write_text(json.dumps({"path": "images/cat.png"}) + "\n" + json.dumps({"key": "x"}) + "\n")
-    with pytest.raises(ConfigError, match=r"--input: .*list\.jsonl row 2 has no 'path'"):
-        enumerate_inputs(str(manifest))
+    manifest.write_text(json.dumps({"path": "images/cat.png"}) + "\n" + json.dumps({"key": "x"}) + "\n"
+                        + "{not json\n")
+    refs = list_inputs(str(manifest))
+    kinds = {ref.key: ref.loader for ref in refs}
+    assert kinds["cat"]["kind"] == "file"
+    assert kinds["x"]["kind"] == "invalid" and kinds["x"]["reason"] == "bad_manifest_row"
+    assert "no 'path'" in kinds["x"]["detail"]
+    [broken] = [ref for ref in refs if ref.key.startswith("list_jsonl-line")]
+    assert broken.loader["reason"] == "bad_manifest_row" and "not JSON" in broken.loader["detail"]
 
 
 def test_missing_manifest_is_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--input"):
-        enumerate_inputs(str(tmp_path / "absent.csv"))
+        list_inputs(str(tmp_path / "absent.csv"))
 
 
 # --------------------------------------------------------------------------- tars
@@ -181,7 +187,7 @@ def test_webdataset_tar_members_read_back_exactly(tmp_path: Path) -> None:
     with wds.TarWriter(str(path)) as writer:
         writer.write({"__key__": "000000", "png": payloads["000000"], "json": {"caption": "red"}})
         writer.write({"__key__": "000001", "jpg": payloads["000001"], "txt": "green"})
-    refs = enumerate_inputs(str(path))
+    refs = list_inputs(str(path))
     assert sorted(ref.key for ref in refs) == ["shard-000000_000000", "shard-000000_000001"]
     for ref in refs:
         assert ref.loader["kind"] == "tar" and ref.loader["path"] == str(path)
@@ -196,7 +202,7 @@ def test_tar_glob_with_subfolder_members(tmp_path: Path) -> None:
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    refs = enumerate_inputs(str(tmp_path / "part-*.tar"))
+    refs = list_inputs(str(tmp_path / "part-*.tar"))
     assert sorted(ref.key for ref in refs) == ["part-0_imgs_a", "part-1_imgs_a"]
     for ref in refs:
         index = int(ref.key[5])
@@ -207,7 +213,7 @@ def test_tar_glob_with_subfolder_members(tmp_path: Path) -> None:
 
 
 def test_samples_are_bundled_photographs() -> None:
-    refs = enumerate_inputs("samples")
+    refs = list_inputs("samples")
     keys = {ref.key for ref in refs}
     assert len(refs) >= 10 and {"astronaut", "coffee", "chelsea", "rocket"} <= keys
     assert all(ref.dataset == "skimage-samples" and Path(ref.loader["path"]).is_file() for ref in refs)
@@ -216,7 +222,7 @@ def test_samples_are_bundled_photographs() -> None:
 
 
 def test_synthetic_spec() -> None:
-    refs = enumerate_inputs("synthetic://5?seed=3&size=64")
+    refs = list_inputs("synthetic://5?seed=3&size=64")
     assert len(refs) == 5 and len({ref.key for ref in refs}) == 5
     assert all(ref.loader == {"kind": "synthetic", "seed": 3, "index": i, "size": 64}
                for i, ref in enumerate(refs))
@@ -227,47 +233,86 @@ def test_synthetic_spec() -> None:
                                   "synthetic://5?size=8", "synthetic://"])
 def test_bad_synthetic_spec_is_config_error(spec: str) -> None:
     with pytest.raises(ConfigError, match="--input"):
-        enumerate_inputs(spec)
+        list_inputs(spec)
 
 
 def test_missing_path_is_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--input.*does not exist"):
-        enumerate_inputs(str(tmp_path / "nowhere"))
+        list_inputs(str(tmp_path / "nowhere"))
 
 
-def test_directory_without_images_is_config_error(tmp_path: Path) -> None:
+def test_directory_without_images_lists_nothing(tmp_path: Path) -> None:
     (tmp_path / "readme.txt").write_text("no pictures here")
-    with pytest.raises(ConfigError, match="--input: no images found"):
-        enumerate_inputs(str(tmp_path))
+    assert list_inputs(str(tmp_path)) == []
 
 
-# --------------------------------------------------------------------------- shards
+# --------------------------------------------------------------------------- shard layout
 
 
-def _refs(keys: list[str]) -> list[ImageRef]:
-    return [ImageRef(key, f"/data/{key}.png", {"kind": "file", "path": f"/data/{key}.png"}) for key in keys]
+def _ref(key: str, uri: str | None = None) -> ImageRef:
+    uri = uri or f"/data/{key}.png"
+    return ImageRef(key, uri, {"kind": "file", "path": uri})
 
 
-def test_assign_shards_sorts_and_names_shards() -> None:
-    refs = assign_shards(_refs(["e", "b", "a", "d", "c"]), 2, "val")
-    assert [ref.key for ref in refs] == ["a", "b", "c", "d", "e"]
-    assert [ref.shard for ref in refs] == ["val-000000", "val-000000", "val-000001", "val-000001",
-                                           "val-000002"]
+def _plan(key: str, refs: list[ImageRef], members: list[dict], buckets: int = 4,
+          generations: dict[int, int] | None = None, pruned: tuple[str, ...] = ()) -> dict[str, list]:
+    out: dict[str, list] = {"new": [], FAILED: [], VANISHED: [], PRESENT: []}
+    for value in decide((key, {"refs": refs, "members": members}), buckets, generations or {},
+                        "train", pruned):
+        if hasattr(value, "tag"):
+            out[value.tag].append(value.value)
+        else:
+            out["new"].append(value)
+    return out
 
 
-def test_assign_shards_makes_keys_unique() -> None:
-    refs = _refs(["x", "y"]) + [ImageRef("x", "/other/x.png", {"kind": "file", "path": "/other/x.png"})]
-    refs.append(ImageRef("y", "/data/y.png", {"kind": "file", "path": "/data/y.png"}))   # listed twice
-    keys = [ref.key for ref in assign_shards(refs, 100, "train")]
-    assert len(set(keys)) == 4 and keys == sorted(keys)
-    assert all(KEY.match(key) for key in keys)
+def test_bucket_depends_on_the_key_alone() -> None:
+    keys = [f"img{i:03d}" for i in range(200)]
+    buckets = [layout.bucket_of(k, 7) for k in keys]
+    assert buckets == [layout.bucket_of(k, 7) for k in keys]   # stable
+    assert set(buckets) == set(range(7))                         # spread over every bucket
+    # a fixed value: the same on every machine and Python version (not Python's hash())
+    assert layout.bucket_of("img000", 1000) == int.from_bytes(
+        __import__("hashlib").sha256(b"img000").digest()[:8], "big") % 1000
 
 
-def test_assign_shards_ignores_input_order() -> None:
-    keys = [f"img{i:03d}" for i in range(23)] + ["dup", "dup"]
-    baseline = [(r.uri, r.key, r.shard) for r in assign_shards(_refs(keys), 4, "train")]
-    for seed in range(3):
-        shuffled = _refs(keys)
-        random.Random(seed).shuffle(shuffled)
-        assert [(r.uri, r.key, r.shard) for r in assign_shards(shuffled, 4, "train")] == baseline
-    assert baseline[-1][2] == "train-000006"
+def test_shard_names_round_trip() -> None:
+    assert layout.shard_name("train", 3, 0) == "train-000003"
+    assert layout.shard_name("train", 3, 2) == "train-000003-002"
+    for bucket, generation in [(0, 0), (12, 0), (12, 7)]:
+        name = layout.shard_name("my-split", bucket, generation)
+        assert layout.parse_shard("my-split", name) == (bucket, generation)
+    assert layout.parse_shard("train", "val-000001") is None
+    assert layout.next_generations("train", ["train-000001", "train-000001-001", "train-000002"]) == \
+        {1: 2, 2: 1}
+
+
+def test_new_input_goes_to_its_bucket_first_open_generation() -> None:
+    bucket = layout.bucket_of("cat", 4)
+    out = _plan("cat", [_ref("cat")], [])
+    assert [r.shard for r in out["new"]] == [layout.shard_name("train", bucket, 0)]
+    out = _plan("cat", [_ref("cat")], [], generations={bucket: 3})
+    assert [r.shard for r in out["new"]] == [layout.shard_name("train", bucket, 3)]
+
+
+def test_settled_inputs_are_skipped_and_vanished_ones_reported() -> None:
+    member = {"key": "cat", "uri": "/data/cat.png", "sha256": "x", "shard": "train-000001",
+              "status": "written"}
+    out = _plan("cat", [_ref("cat")], [member])
+    assert out["new"] == [] and out[FAILED] == [] and out[VANISHED] == [] and out[PRESENT] == [1]
+    out = _plan("cat", [], [member])
+    assert out[VANISHED] == [member] and out[PRESENT] == [0]
+    out = _plan("cat", [_ref("cat")], [member], pruned=("train-000001",))   # pruned: redone
+    assert [r.key for r in out["new"]] == ["cat"]
+
+
+def test_a_key_used_by_two_inputs_is_one_sample_and_one_failure() -> None:
+    refs = [_ref("cat", "/b/cat.png"), _ref("cat", "/a/cat.png"), _ref("cat", "/a/cat.png")]
+    out = _plan("cat", refs, [])
+    assert [r.uri for r in out["new"]] == ["/a/cat.png"]     # the smallest uri keeps the key
+    assert [(f.source, f.reason) for f in out[FAILED]] == [("/b/cat.png", "duplicate_key")]
+    assert out[PRESENT] == [2]                                # the same file listed twice is one input
+    written = {"key": "cat", "uri": "/z/cat.png", "sha256": "x", "shard": "train-000000",
+               "status": "written"}
+    out = _plan("cat", [_ref("cat", "/a/cat.png"), _ref("cat", "/z/cat.png")], [written])
+    assert out["new"] == [] and [f.source for f in out[FAILED]] == ["/a/cat.png"]   # written one keeps it

@@ -75,7 +75,7 @@ def test_programs_against_real_server(tmp_path: Path, vllm_env: None, program: s
         for region in record["regions"]:
             assert region["provenance"]["captioner"]["program"]["id"] == program
             n_regions += 1
-    failures = pq.read_table(out / "failures" / "failures.parquet").to_pylist()
+    failures = pq.read_table(out / "failures").to_pylist()
     region_failures = [f for f in failures if f["region_id"] is not None]
     assert n_regions + len(region_failures) > 0
     allowed = {"judge_rejected", "bad_json", "repetition", "empty", "refusal", "truncated"}
