@@ -15,22 +15,29 @@ SEGMENTERS: dict[str, str] = {
 
 CAPTIONERS: dict[str, str] = {
     "attributes": "annotators.attributes:AttributesCaptioner",
+    "none": "annotators.no_captions:NoCaptioner",
     "vllm": "annotators.vllm:VllmCaptioner",
     "transformers": "annotators.hf_captioner:TransformersCaptioner",
 }
 
 
 def _load(table: dict[str, str], role: str, name: str) -> type:
-    if name not in table:
-        raise ConfigError(f"{role}.name: unknown {role} '{name}'; use one of: {', '.join(sorted(table))}")
-    module_name, cls_name = table[name].split(":")
+    """The class of a registered name, or of an import path ``package.module:Class`` (an
+    annotator that lives outside this project)."""
+    if name not in table and ":" not in name:
+        raise ConfigError(f"{role}.name: unknown {role} '{name}'; use one of: {', '.join(sorted(table))} "
+                          f"or an import path 'package.module:Class'")
+    module_name, _, cls_name = table.get(name, name).partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(
             f"{role}.name: '{name}' needs an optional dependency that is not installed ({exc}); "
             f"install the project's extra for it (see README, 'Extras')") from exc
-    return getattr(module, cls_name)
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise ConfigError(f"{role}.name: '{module_name}' has no class '{cls_name}'")
+    return cls
 
 
 def build_segmenter(config: Mapping[str, Any]) -> Segmenter:

@@ -100,10 +100,13 @@ class Segment(beam.DoFn):
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
         self.segmenter = None
+        self.provenance: dict[str, Any] | None = None
 
     def setup(self) -> None:
         self.segmenter = build_segmenter(self.config.segmenter)
         self.segmenter.setup()
+        # what this worker actually runs (device, dtype, fast path), not the driver's guess
+        self.provenance = self.segmenter.provenance()
 
     def teardown(self) -> None:
         if self.segmenter is not None:
@@ -143,6 +146,7 @@ class Segment(beam.DoFn):
                 continue
             assert isinstance(out, SegmentOutput)
             item.candidates, item.segment_dropped = out.candidates, dict(out.dropped)
+            item.segmenter_provenance = self.provenance
             item.timings["segment"] = share
             Metrics.distribution("segment", "candidates").update(len(out.candidates))
             yield item
@@ -251,12 +255,13 @@ class Assemble(beam.DoFn):
                  segmenter_provenance: dict[str, Any]) -> None:
         self.config = config
         self.pipeline_version = pipeline_version
-        self.segmenter_provenance = segmenter_provenance   # computed once by the driver
+        self.segmenter_provenance = segmenter_provenance   # the driver's, if a stage set none
 
     def process(self, item: ImageItem) -> Iterator[ShardOutcome]:
         start = time.perf_counter()
         try:
-            record, failures = build_record(item, self.segmenter_provenance, self.pipeline_version,
+            record, failures = build_record(item, item.segmenter_provenance or self.segmenter_provenance,
+                                            self.pipeline_version,
                                             self.config.settings_hash())
         except Exception as exc:
             record, failures = None, [item.fail("assemble", "internal_error", f"{type(exc).__name__}: {exc}")]

@@ -77,6 +77,7 @@ class ImageItem:
     captions: Any = None                                     # annotators.base.CaptionResult
     region_failures: list[Failure] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    segmenter_provenance: dict[str, Any] | None = None       # as set up in the worker that ran it
 
     def fail(self, stage: str, reason: str, detail: str = "") -> Failure:
         """A Failure for this whole input."""

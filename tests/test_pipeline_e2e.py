@@ -187,3 +187,16 @@ def test_beam_counters_mirror_the_manifest(tmp_path: Path, fast_config: dict) ->
     for key, count in manifest["counts"]["failed_by_reason"].items():
         assert counters[f"failures/{key.replace('/', '.')}"] == count
     assert counters["regions/pixel"] == manifest["counts"]["regions_by_level"]["pixel"]
+
+
+def test_segmenter_provenance_comes_from_the_worker(tmp_path: Path, fast_config: dict) -> None:
+    """Provenance names what the worker set up (e.g. its device), not what the driver guessed."""
+    import os
+
+    config = dict(fast_config, segmenter={"name": "tests.plugins:WhereSegmenter", "work_side": 96})
+    out, manifest = build(tmp_path, "synthetic://6?size=64", config=config, extra=["--workers", "2"])
+    devices = {r["provenance"]["segmenter"]["device"] for rec in records(out).values()
+               for r in rec["regions"]}
+    assert manifest["annotators"]["segmenter"]["device"] == "not set up"   # the driver's view
+    assert devices and all(d.startswith("worker-") for d in devices), devices
+    assert f"worker-{os.getpid()}" not in devices                          # not this process

@@ -1,0 +1,36 @@
+"""`none`: no captions. Records keep their masks and boxes with empty texts, flagged in provenance
+(``captioned: false``) — for segmenting now and captioning later, and for measuring the pipeline
+without a captioning model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from annotators.base import CaptionInput, CaptionResult, Captioner, TextOut
+
+
+@dataclass
+class NoCaptionSettings:
+    """No settings: nothing is written."""
+
+    def check(self) -> None:
+        """Nothing to check."""
+
+
+class NoCaptioner(Captioner):
+    """Empty caption, long caption and tags for the image and every region."""
+
+    name = "none"
+    version = "1"
+    Settings = NoCaptionSettings
+
+    def provenance(self) -> dict[str, Any]:
+        return super().provenance() | {"captioned": False}
+
+    def caption_batch(self, items: list[CaptionInput]) -> list[CaptionResult]:
+        provenance = {"name": self.name, "version": self.version, "captioned": False}
+        results = []
+        for item in items:
+            empty = TextOut("", "", [], provenance=provenance)
+            results.append(CaptionResult(empty, {r.id: empty for r in item.regions}))
+        return results
