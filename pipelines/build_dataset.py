@@ -15,6 +15,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -26,14 +27,25 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from annotators.base import ConfigError
 from annotators.registry import build_captioner, build_segmenter
-from pipelines import finalize, stages, writer
+from pipelines import finalize, progress, stages, writer
 from pipelines import layout as lay
 from pipelines.budget import MARKER, BudgetExceeded, FailureBudget
-from pipelines.config import PIPELINE_VERSION, PipelineConfig, load_config
+from pipelines.config import PIPELINE_VERSION, PipelineConfig, load_config, mask_secrets
 from pipelines.plan import DropDuplicates, PlanInputs
 from pipelines.sources import ReadInputs
 
 LOG = logging.getLogger("build_dataset")
+EXAMPLES = """examples:
+  python -m pipelines.build_dataset --input photos/ --output out/ds
+  python -m pipelines.build_dataset --input 'manifests/part-*.jsonl' --output out/ds --config sam.yaml --workers 2
+  python -m pipelines.build_dataset --input samples --print-config
+  python -m pipelines.build_dataset --input gs://b/images --output gs://b/out --config sam.yaml \\
+      --runner=DataflowRunner --project=P --region=us-central1 --temp_location=gs://b/tmp --setup_file=./setup.py
+
+Rerunning the same command continues a build: only new inputs and inputs whose failure was
+transient are processed. Exit status: 0 done, 1 the run failed (failure budget, nothing written),
+2 bad settings. Any other flag is an Apache Beam pipeline option."""
+LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "PortableRunner")
 
 
 class RunFailed(RuntimeError):
@@ -110,6 +122,11 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> None:
                    limits.max_transient_fraction, limits.min_samples, limits.window)))
     failures = (rejected | "AllFailures" >> beam.Flatten()
                 | "FailureOutcomes" >> beam.Map(stages.failure_outcome))
+    records = records | "CountRecords" >> beam.ParDo(progress.CountProgress(plan.output, plan.run_id))
+    failures = failures | "CountFailures" >> beam.ParDo(progress.CountProgress(plan.output, plan.run_id))
+    _ = ((planned["new"], planned["failed"]) | "ThisRun" >> beam.Flatten()
+         | "CountThisRun" >> beam.combiners.Count.Globally()
+         | "WriteTotal" >> beam.Map(progress.write_total, plan.output, plan.run_id))
     outcomes = (records, failures) | "Outcomes" >> beam.Flatten()
     unfinished = unfinished_shards(planned)
     written = outcomes | "WriteShards" >> WriteShards(plan, planned["buckets"], unfinished)
@@ -151,7 +168,7 @@ def beam_counters(result: Any) -> dict[str, int]:
 
 
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", default="samples",
                         help="directory | glob | manifest(s) (.jsonl/.csv/.parquet, or a glob of them) | "
@@ -165,7 +182,10 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--prune-vanished", action="store_true",
                         help="rebuild the shards that hold inputs no longer in --input, without them "
                              "(default: report them and keep them)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved settings (defaults filled in, secrets masked) and exit")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress line")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what every stage does")
     return parser.parse_known_args(argv)
 
 
@@ -221,20 +241,24 @@ def _budget_message(exc: BaseException) -> str | None:
     return None
 
 
-def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def run(argv: Sequence[str] | None = None, show_progress: bool = False) -> dict[str, Any]:
     """Build the dataset; returns the manifest. Raises ConfigError before any work on bad
     settings, RunFailed when the failure budget stopped the run or nothing could be written."""
     plan, options = prepare(list(sys.argv[1:] if argv is None else argv))
     start = time.perf_counter()
     dry_run = str(options.get_all_options(retain_unknown_options=True).get("dry_run")) in ("True", "true")
+    local = options.view_as(StandardOptions).runner in LOCAL_RUNNERS
+    monitor = progress.Monitor(plan.output, plan.run_id) if local and show_progress and not dry_run \
+        else contextlib.nullcontext()
     try:
         pipeline = beam.Pipeline(options=options)
         build(pipeline, plan)
-        result = pipeline.run()
-        if dry_run:   # e.g. DataflowRunner --dry_run=True: the job is built, nothing runs
-            return {"dry_run": True, "output": plan.output,
-                    "pipeline_bytes": len(pipeline.to_runner_api().SerializeToString())}
-        result.wait_until_finish()
+        with monitor:
+            result = pipeline.run()
+            if dry_run:   # e.g. DataflowRunner --dry_run=True: the job is built, nothing runs
+                return {"dry_run": True, "output": plan.output,
+                        "pipeline_bytes": len(pipeline.to_runner_api().SerializeToString())}
+            result.wait_until_finish()
     except BudgetExceeded as exc:
         raise RunFailed(str(exc)) from exc
     except Exception as exc:   # runners wrap worker exceptions in their own types
@@ -254,13 +278,29 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return manifest
 
 
+def print_config(argv: Sequence[str]) -> str:
+    """The resolved settings as YAML, secrets masked."""
+    import yaml
+
+    args, _ = _parse(list(argv))
+    config = load_config(args.config)
+    return yaml.safe_dump({"settings_hash": config.settings_hash(), **mask_secrets(config.to_dict())},
+                          sort_keys=False)
+
+
 def main() -> int:
     """Command-line entry point: prints the summary; exit 2 on bad settings, 1 on a failed run."""
     verbose = "-v" in sys.argv or "--verbose" in sys.argv
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:   # third-party chatter a user cannot act on
+        for name in ("apache_beam", "httpx", "urllib3", "absl"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        manifest = run()
+        if "--print-config" in sys.argv:
+            print(print_config(sys.argv[1:]), end="")
+            return 0
+        manifest = run(show_progress="--no-progress" not in sys.argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,17 +1,447 @@
-"""The dataset card (OUT/README.md): what, how built, stats, schema, how to load."""
+"""The dataset card (OUT/README.md) and the files beside it that make the folder loadable.
+
+The card follows the Hugging Face dataset-card format: a YAML header (license placeholder, task
+categories, size category, ``configs`` whose ``data_files`` let ``load_dataset(<folder>)`` read
+the shards and the index tables), then what the dataset is, how it was built, counts per level,
+text statistics with plots (``plots/*.png``), failures by class, the schema and loading snippets
+that run as written from the dataset folder (a test runs them).
+
+Entry points:
+
+* ``dataset_stats(out)``: caption-length distributions, regions per image, top tags and
+  failures by class/stage/reason, read column by column from ``index/`` and ``failures/`` (one
+  parquet file at a time, in record batches: memory does not grow with the dataset);
+* ``render(manifest)``: the Markdown card; uses ``manifest["stats"]`` when present;
+* ``write(out, manifest)``: stats (unless the manifest has them), plots, ``wids-index.json``
+  and README.md.
+"""
 from __future__ import annotations
 
+import io
 import json
-from typing import Any
+import re
+from collections import Counter
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+LEVELS = ("image", "region", "pixel")
+TOP_TAGS = 20
+HIST_BINS = 20
+MAX_DISTINCT_TAGS = 1_000_000    # past this the tag counts are pruned to the most frequent
+KEEP_AFTER_PRUNE = 100_000
+PLOTS = {"caption_lengths": "plots/caption_lengths.png", "regions_per_image": "plots/regions_per_image.png",
+         "top_tags": "plots/top_tags.png"}
+WIDS_INDEX = "wids-index.json"
+_SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                    (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"),
+                    (1_000_000_000, "100M<n<1B"))
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _parquet_files(out: str, folder: str) -> list[str]:
+    try:
+        matched = FileSystems.match([FileSystems.join(out, *folder.split("/"), "*.parquet")])[0]
+    except Exception:
+        return []
+    return sorted(m.path for m in matched.metadata_list)
+
+
+def _batches(path: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``columns`` of one parquet file (a local path, or any Beam filesystem
+    path: then the one file is read into memory)."""
+    if "://" in path:
+        with FileSystems.open(path) as handle:
+            source: Any = io.BytesIO(handle.read())
+    else:
+        source = path
+    yield from pq.ParquetFile(source).iter_batches(batch_size=65_536, columns=columns)
+
+
+def _count_values(counter: Counter, array: pa.Array) -> None:
+    if len(array):
+        for item in pc.value_counts(array).to_pylist():
+            if item["values"] is not None:
+                counter[item["values"]] += item["counts"]
+
+
+def _count_tags(counter: Counter, tags: pa.Array) -> None:
+    _count_values(counter, pc.list_flatten(tags))
+    if len(counter) > MAX_DISTINCT_TAGS:
+        kept = counter.most_common(KEEP_AFTER_PRUNE)
+        counter.clear()
+        counter.update(dict(kept))
+
+
+def distribution(lengths: Counter, bins: int = HIST_BINS) -> dict[str, Any]:
+    """Count, mean, quantiles and an equal-width histogram of a {value: count} table."""
+    total = sum(lengths.values())
+    if not total:
+        return {"count": 0}
+    values = sorted(lengths)
+    quantiles, seen, wanted = {}, 0, [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")]
+    for value in values:
+        seen += lengths[value]
+        while wanted and seen >= wanted[0][0] * total:
+            quantiles[wanted.pop(0)[1]] = value
+    low, high = values[0], values[-1]
+    width = max(1, -(-(high - low + 1) // bins))
+    counts = [0] * (-(-(high - low + 1) // width))
+    for value in values:
+        counts[(value - low) // width] += lengths[value]
+    return {"count": total, "mean": round(sum(v * n for v, n in lengths.items()) / total, 1),
+            "min": low, **quantiles, "max": high,
+            "bin_edges": [low + i * width for i in range(len(counts) + 1)], "bin_counts": counts}
+
+
+def dataset_stats(out: str, top: int = TOP_TAGS) -> dict[str, Any]:
+    """Text and failure statistics of a built dataset, from its per-shard parquet files.
+
+    Reads only the columns it needs, one file and one record batch at a time; tags are counted
+    exactly up to ``MAX_DISTINCT_TAGS`` distinct values (past that the rarest are pruned).
+    """
+    lengths = {(level, field): Counter() for level in LEVELS for field in ("caption", "long_caption")}
+    per_image = {"region": Counter(), "pixel": Counter()}
+    tags = {level: Counter() for level in LEVELS}
+    images = regions = 0
+    for path in _parquet_files(out, "index/images"):
+        for batch in _batches(path, ["caption_chars", "long_caption_chars", "n_regions", "n_pixel", "tags"]):
+            images += batch.num_rows
+            _count_values(lengths["image", "caption"], batch.column("caption_chars"))
+            _count_values(lengths["image", "long_caption"], batch.column("long_caption_chars"))
+            _count_values(per_image["region"], batch.column("n_regions"))
+            _count_values(per_image["pixel"], batch.column("n_pixel"))
+            _count_tags(tags["image"], batch.column("tags"))
+    for path in _parquet_files(out, "index/regions"):
+        for batch in _batches(path, ["level", "caption_chars", "long_caption_chars", "tags"]):
+            regions += batch.num_rows
+            for level in ("region", "pixel"):
+                rows = batch.filter(pc.equal(batch.column("level"), level))
+                _count_values(lengths[level, "caption"], rows.column("caption_chars"))
+                _count_values(lengths[level, "long_caption"], rows.column("long_caption_chars"))
+                _count_tags(tags[level], rows.column("tags"))
+    failures: Counter = Counter()
+    for path in _parquet_files(out, "failures"):
+        for batch in _batches(path, ["class", "stage", "reason", "region_id"]):
+            rows = zip(*(batch.column(c).to_pylist() for c in ("class", "stage", "reason", "region_id")))
+            failures.update((cls, stage, reason, "region" if rid is not None else "input")
+                            for cls, stage, reason, rid in rows)
+    return {
+        "images": images, "regions": regions,
+        "text_chars": {level: {field: distribution(lengths[level, field])
+                               for field in ("caption", "long_caption")} for level in LEVELS},
+        "regions_per_image": {level: distribution(c) for level, c in per_image.items()},
+        "top_tags": {level: [[tag, n] for tag, n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+                     for level, c in tags.items()},
+        "distinct_tags": {level: len(c) for level, c in tags.items()},
+        "failures": [{"class": cls, "stage": stage, "reason": reason, "what": what, "count": n}
+                     for (cls, stage, reason, what), n in sorted(failures.items(),
+                                                                 key=lambda kv: (kv[0][0], -kv[1], kv[0]))],
+    }
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float, **margins: float) -> Any:
+    """A matplotlib figure of its own (no pyplot state), fixed margins (no layout engine: it
+    would triple the drawing time)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=80)
+    figure.subplots_adjust(**{"left": 0.07, "right": 0.98, "bottom": 0.08, "top": 0.93,
+                              "wspace": 0.3, "hspace": 0.4, **margins})
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(figure: Any) -> bytes:
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png", metadata={"Software": None})   # same stats → same bytes
+    return buf.getvalue()
+
+
+def _hist(axes: Any, dist: dict[str, Any], title: str, colour: str) -> None:
+    axes.set_title(title, fontsize=10)
+    if not dist.get("count"):
+        axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
+        return
+    edges = dist["bin_edges"]
+    axes.bar(edges[:-1], dist["bin_counts"], width=[b - a for a, b in zip(edges, edges[1:])],
+             align="edge", color=colour, edgecolor="white", linewidth=0.5)
+    axes.axvline(dist["p50"], color="black", linewidth=1, linestyle="--", label=f"median {dist['p50']}")
+    axes.legend(fontsize=8, frameon=False)
+    axes.set_ylabel("count", fontsize=8)
+    axes.tick_params(labelsize=8)
+
+
+_COLOURS = {"image": "#4c72b0", "region": "#dd8452", "pixel": "#55a868"}
+
+
+def plots(stats: dict[str, Any]) -> dict[str, bytes]:
+    """PNG plots of ``stats``: caption lengths, regions per image, top tags (by relative path)."""
+    figure = _figure(10, 6.5)
+    grid = figure.subplots(2, 3)
+    for column, level in enumerate(LEVELS):
+        for row, field in enumerate(("caption", "long_caption")):
+            _hist(grid[row][column], stats["text_chars"][level][field],
+                  f"{level}: {field.replace('_', ' ')} (chars)", _COLOURS[level])
+    out = {PLOTS["caption_lengths"]: _png(figure)}
+
+    figure = _figure(8, 3, bottom=0.12, top=0.88)
+    for axes, level in zip(figure.subplots(1, 2), ("region", "pixel")):
+        _hist(axes, stats["regions_per_image"][level],
+              f"{'boxes' if level == 'region' else 'masks'} per image", _COLOURS[level])
+    out[PLOTS["regions_per_image"]] = _png(figure)
+
+    figure = _figure(12, 5, left=0.09, wspace=0.6)
+    for axes, level in zip(figure.subplots(1, 3), LEVELS):
+        top = stats["top_tags"][level][:15][::-1]
+        axes.set_title(f"top {level} tags", fontsize=10)
+        axes.tick_params(labelsize=8)
+        if top:
+            axes.barh([t for t, _ in top], [n for _, n in top], color=_COLOURS[level])
+        else:
+            axes.text(0.5, 0.5, "no tags", ha="center", va="center", transform=axes.transAxes)
+    out[PLOTS["top_tags"]] = _png(figure)
+    return out
+
+
+# --------------------------------------------------------------------------- the card
+
+
+_SHARD = re.compile(r"^(?P<split>.+)-\d{6}(?:-\d{3})?\.tar$")
+
+
+def splits(manifest: dict[str, Any]) -> list[str]:
+    """Split names of the complete shards (``{split}-NNNNNN[-GGG].tar``), else the setting."""
+    found = sorted({m.group("split") for s in manifest.get("shards", [])
+                    if (m := _SHARD.match(s["name"]))})
+    return found or [manifest.get("settings", {}).get("shards", {}).get("split", "train")]
+
+
+def size_category(n: int) -> str:
+    """The Hugging Face ``size_categories`` value for ``n`` examples."""
+    return next((label for limit, label in _SIZE_CATEGORIES if n < limit), "n>1B")
+
+
+def header(manifest: dict[str, Any]) -> list[str]:
+    """The YAML front matter: what the Hub and ``load_dataset(<folder>)`` read."""
+    lines = [
+        "---",
+        "license: unknown   # set it: the license of the source images and of the generated text",
+        f"pretty_name: {json.dumps(manifest['dataset_name'])}",
+        "task_categories:",
+        "- image-to-text",
+        "- image-segmentation",
+        "- object-detection",
+        "task_ids:",
+        "- image-captioning",
+        "- instance-segmentation",
+        "size_categories:",
+        f"- {size_category(manifest['counts']['written'])}",
+        "tags:",
+        "- multi-granularity",
+        "- region-captioning",
+        "- referring-expressions",
+        "- webdataset",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+    ]
+    for split in splits(manifest):
+        lines += [f"  - split: {split}", f"    path: shards/{split}-*.tar"]
+    for name, folder in (("images", "index/images"), ("regions", "index/regions"),
+                         ("failures", "failures")):
+        lines += [f"- config_name: {name}", "  data_files:",
+                  "  - split: train", f"    path: {folder}/*.parquet"]
+    return lines + ["---", ""]
+
+
+def _annotator_lines(manifest: dict[str, Any]) -> list[str]:
+    seg = manifest["annotators"]["segmenter"]
+    cap = manifest["annotators"]["captioner"]
+    lines = [f"- input: `{manifest['input']}`",
+             f"- segmenter: `{seg['name']}` version {seg['version']}"
+             + "".join(f", {k} `{seg[k]}`" for k in ("model_type", "checkpoint", "checkpoint_sha256",
+                                                       "device", "dtype") if seg.get(k))]
+    lines.append(f"- captioner: `{cap['name']}` version {cap['version']}"
+                 + (f", model `{cap['model']}`" if cap.get("model") else ""))
+    program = cap.get("program")
+    if program:
+        lines.append(f"- caption program `{program['id']}` version {program['version']}, "
+                     f"hash `{program['hash']}`")
+    elif cap.get("prompt_id"):
+        lines.append(f"- prompts `{cap['prompt_id']}`, hash `{cap.get('prompt_hash')}`")
+    prompts = cap.get("visual_prompts") or {}
+    shown = [f"{level}: " + ", ".join(f"`{p['name']}` ({p['kind']})" for p in specs)
+             for level, specs in prompts.items() if specs]
+    lines.append("- visual prompts: " + ("; ".join(shown) if shown else
+                                         "none (the captioner reads pixels, not a rendered prompt)"))
+    lines.append(f"- pipeline version {manifest['pipeline_version']}, record schema version "
+                 f"{manifest['schema_version']}, settings hash `{manifest['settings_hash']}` "
+                 f"(the full settings and library versions are in `manifest.json`)")
+    weight_free = seg["name"] in ("classical", "given") and cap["name"] == "attributes"
+    if weight_free:
+        lines += ["", "Built with the weight-free annotators: regions come from colour segmentation and",
+                  "text from measured attributes (colour, position, size, shape). It is a fallback",
+                  "that runs anywhere, not object recognition or MLLM-written text."]
+    return lines
+
+
+def _count_lines(manifest: dict[str, Any]) -> list[str]:
+    c = manifest["counts"]
+    levels = c["regions_by_level"]
+    written = max(c["written"], 1)
+    rows = [("inputs", c["inputs"]), ("records (images)", c["written"]),
+            ("failed inputs", c["failed"]), ("inputs waiting for a retry", c["awaiting_retry"]),
+            ("shards", len(manifest["shards"])),
+            ("regions (boxes, level `region`)", levels.get("region", 0)),
+            ("masks (level `pixel`)", levels.get("pixel", 0)),
+            ("boxes per image (mean)", f"{levels.get('region', 0) / written:.1f}"),
+            ("masks per image (mean)", f"{levels.get('pixel', 0) / written:.1f}"),
+            ("images without masks", c["images_without_masks"])]
+    lines = ["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
+    dropped = c.get("regions_dropped_by_reason") or {}
+    if dropped:
+        lines += ["", "Candidate regions dropped by `SelectRegions`: "
+                  + ", ".join(f"{k} {v}" for k, v in dropped.items()) + "."]
+    return lines
+
+
+def _text_lines(stats: dict[str, Any]) -> list[str]:
+    lines = ["| level | text | count | mean | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|---|---|"]
+    for level in LEVELS:
+        for field in ("caption", "long_caption"):
+            d = stats["text_chars"][level][field]
+            if d.get("count"):
+                lines.append(f"| {level} | {field.replace('_', ' ')} | {d['count']} | {d['mean']} | "
+                             f"{d['p50']} | {d['p90']} | {d['p99']} | {d['max']} |")
+    lines += ["", "Lengths in characters.", "",
+              f"![caption lengths]({PLOTS['caption_lengths']})", "",
+              f"![regions per image]({PLOTS['regions_per_image']})", "", "Top tags:", "",
+              "| level | distinct | most frequent |", "|---|---|---|"]
+    for level in LEVELS:
+        top = ", ".join(f"{tag} ({n})" for tag, n in stats["top_tags"][level][:10]) or "—"
+        lines.append(f"| {level} | {stats['distinct_tags'][level]} | {top} |")
+    return lines + ["", f"![top tags]({PLOTS['top_tags']})"]
+
+
+def _failure_lines(manifest: dict[str, Any], stats: dict[str, Any] | None) -> list[str]:
+    c = manifest["counts"]
+    lines = ["*permanent*: the input or a model's answer is bad (final). *transient*: infrastructure "
+             "(timeouts, 5xx, connection refused, out of memory): those images are not in the shards "
+             "yet and the same build command redoes them."]
+    if stats is not None and stats["failures"]:
+        lines += ["", "| class | stage | reason | what | rows |", "|---|---|---|---|---|"]
+        lines += [f"| {f['class']} | {f['stage']} | {f['reason']} | {f['what']} | {f['count']} |"
+                  for f in stats["failures"]]
+    elif c["failed_by_reason"] or c["region_failures_by_reason"]:
+        lines += ["", f"- inputs by class: {json.dumps(c['failed_by_class'])}",
+                  f"- inputs by reason: {json.dumps(c['failed_by_reason'])}",
+                  f"- regions by reason: {json.dumps(c['region_failures_by_reason'])}"]
+    else:
+        lines += ["", "No failures."]
+    return lines
+
+
+LAYOUT = """```
+shards/{split}-{NNNNNN}[-{GGG}].tar  WebDataset: {key}.json (the record) + {key}.jpg|png (stored image)
+index/images/{shard}.parquet        one row per image
+index/regions/{shard}.parquet       one row per region
+failures/{shard}.parquet            one row per rejected input or region (stage, reason, class)
+manifest.json                       counts, per-shard sha256 and size, settings, versions
+wids-index.json                     shard list for indexed random access (wids)
+plots/                              the plots of this card
+```"""
+
+LOADING = '''Run these from this folder (`root` is the dataset folder).
+
+WebDataset, streaming (`pip install webdataset pycocotools`):
+
+```python
+import glob
+import webdataset as wds
+from pycocotools import mask as mask_utils
+
+root = "."
+ds = wds.WebDataset(sorted(glob.glob(f"{root}/shards/*.tar")), shardshuffle=False) \\
+        .decode("pil").to_tuple("__key__", "jpg;png", "json")
+for key, image, record in ds:
+    masks = [mask_utils.decode({"size": r["mask"]["size"], "counts": r["mask"]["counts"].encode()})
+             for r in record["regions"] if r["mask"]]        # (H, W) uint8, same size as image
+    print(key, image.size, record["image_level"]["caption"], len(masks), "masks")
+    break
+```
+
+Random access by index with `wids` (`pip install wids`; it reads `wids-index.json`):
+
+```python
+import wids
+
+root = "."
+ds = wids.ShardListDataset(f"{root}/wids-index.json")
+sample = ds[len(ds) - 1]          # {"__key__", ".json", ".jpg" or ".png", ...}, decoded
+print(len(ds), sample["__key__"], sample[".json"]["image_level"]["caption"])
+```
+
+Hugging Face `datasets` (the configs in this card's header):
+
+```python
+from datasets import load_dataset
+
+root = "."
+ds = load_dataset(root, split="train")                  # shards: {"json": record, "jpg"/"png": image}
+regions = load_dataset(root, "regions", split="train")  # the region index (no images)
+print(ds, regions)
+```
+
+DuckDB over the index (no tar is opened):
+
+```python
+import duckdb
+
+root = "."
+print(duckdb.sql(f"""SELECT level, count(*) AS regions, round(avg(long_caption_chars)) AS long_chars
+                     FROM '{root}/index/regions/*.parquet' GROUP BY level ORDER BY level"""))
+print(duckdb.sql(f"""SELECT i.key, i.caption, count(r.region_id) AS masks
+                     FROM '{root}/index/images/*.parquet' i
+                     LEFT JOIN '{root}/index/regions/*.parquet' r ON r.key = i.key AND r.level = 'pixel'
+                     GROUP BY ALL ORDER BY masks DESC LIMIT 5"""))
+```
+
+COCO (pycocotools, detectron2, FiftyOne, …): export once with the multigran project, then:
+
+```bash
+python -m pipelines.export_coco . --level pixel
+```
+
+```python
+from pycocotools.coco import COCO
+
+root = "."
+coco = COCO(f"{root}/coco/train/instances_pixel.json")    # images beside it: coco/train/images/
+ann = coco.loadAnns(coco.getAnnIds(imgIds=coco.getImgIds()[:1]))[0]
+mask = coco.annToMask(ann)                                # the shard's mask, unchanged
+print(ann["region_id"], ann["parent_region_id"], ann["caption"], ann["tags"], mask.sum())
+```'''
 
 
 def render(manifest: dict[str, Any]) -> str:
-    """Markdown card from the manifest (whose counts the pipeline summed over the shards)."""
-    c = manifest["counts"]
-    seg = manifest["annotators"]["segmenter"]
-    cap = manifest["annotators"]["captioner"]
-    weight_free = seg["name"] in ("classical", "given") and cap["name"] == "attributes"
+    """Markdown card from the manifest (whose counts the pipeline summed over the shards) and
+    ``manifest["stats"]`` (``dataset_stats``), when present."""
+    from schemas.record_v1 import RECORD
+    from schemas.spec import markdown_rows
+
+    stats = manifest.get("stats")
     lines = [
+        *header(manifest),
         f"# {manifest['dataset_name']}",
         "",
         "Multi-granularity image–text dataset: every image has an image-level caption, long caption",
@@ -20,61 +450,49 @@ def render(manifest: dict[str, Any]) -> str:
         "",
         "## How it was built",
         "",
-        f"- input: `{manifest['input']}`",
-        f"- segmenter: `{seg['name']}` (version {seg['version']})",
-        f"- captioner: `{cap['name']}` (version {cap['version']})",
-        f"- pipeline version {manifest['pipeline_version']}, record schema version "
-        f"{manifest['schema_version']}, settings hash `{manifest['settings_hash']}`",
-    ]
-    if weight_free:
-        lines += ["", "Built with the weight-free annotators: regions come from colour segmentation and",
-                  "text from measured attributes (colour, position, size, shape). It is a fallback",
-                  "that runs anywhere, not object recognition or MLLM-written text."]
-    lines += [
+        *_annotator_lines(manifest),
         "",
-        "## Statistics",
+        "## Counts",
         "",
-        "| | |",
-        "|---|---|",
-        f"| inputs | {c['inputs']} |",
-        f"| records | {c['written']} |",
-        f"| failed inputs | {c['failed']} |",
-        f"| shards | {len(manifest['shards'])} |",
-        f"| regions by level | {json.dumps(c['regions_by_level'])} |",
-        f"| mean image caption length (chars) | {manifest['means']['image_caption_chars']:.0f} |",
-        f"| mean region long caption length (chars) | {manifest['means']['region_long_caption_chars']:.0f} |",
-        f"| failures by reason | {json.dumps(c['failed_by_reason'])} |",
-        f"| failures by class | {json.dumps(c['failed_by_class'])} |",
-        f"| inputs waiting for a retry | {c['awaiting_retry']} |",
-        "",
-        "## Layout",
-        "",
-        "```",
-        "shards/{split}-{NNNNNN}[-{GGG}].tar  WebDataset: {key}.json (record) + {key}.jpg|png (stored image)",
-        "index/images/{shard}.parquet        one row per image",
-        "index/regions/{shard}.parquet       one row per region",
-        "failures/{shard}.parquet            one row per rejected input or region (stage, reason, class)",
-        "manifest.json                       counts, per-shard sha256 and size, settings, versions",
-        "```",
-        "",
-        "The record schema is documented in the project's `docs/SCHEMA.md`.",
-        "",
-        "## Loading",
-        "",
-        "```python",
-        "import glob",
-        "import webdataset as wds",
-        "ds = wds.WebDataset(sorted(glob.glob('shards/*.tar'))).decode('pil').to_tuple('jpg;png', 'json')",
-        "",
-        "from datasets import load_dataset",
-        "ds = load_dataset('webdataset', data_files={'train': 'shards/*.tar'}, split='train')",
-        "",
-        "import pyarrow.dataset as pads   # the index: one parquet file per shard, read as one table",
-        "regions = pads.dataset('index/regions', format='parquet').to_table().to_pandas()",
-        "",
-        "from pycocotools import mask as mask_utils   # masks",
-        "m = mask_utils.decode({'size': r['mask']['size'], 'counts': r['mask']['counts'].encode()})",
-        "```",
+        *_count_lines(manifest),
         "",
     ]
+    if stats is not None:
+        lines += ["## Text", "", *_text_lines(stats), ""]
+    lines += ["## Failures", "", *_failure_lines(manifest, stats), "",
+              "## Layout", "", LAYOUT, "",
+              "## Loading", "", LOADING, "",
+              "## Record schema", "",
+              "One JSON record per image (`{key}.json` in the shards), schema version "
+              f"{manifest['schema_version']}:", "",
+              "| field | type | required | description |", "|---|---|---|---|",
+              *markdown_rows(RECORD), ""]
     return "\n".join(lines)
+
+
+def wids_index(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The shard list ``wids.ShardListDataset`` reads (urls relative to the dataset folder)."""
+    return {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": manifest["dataset_name"],
+            "shardlist": [{"url": f"shards/{s['name']}", "nsamples": s["samples"], "filesize": s["size"]}
+                          for s in manifest["shards"]]}
+
+
+def _write(path: str, data: bytes) -> None:
+    with FileSystems.create(path) as handle:
+        handle.write(data)
+
+
+def write(out: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """README.md, ``plots/*.png`` and ``wids-index.json`` for the dataset at ``out``.
+
+    Computes ``dataset_stats(out)`` unless ``manifest["stats"]`` holds them; returns the stats.
+    """
+    stats = manifest.get("stats")
+    if stats is None:
+        stats = dataset_stats(out)
+        manifest = manifest | {"stats": stats}
+    for name, data in plots(stats).items():
+        _write(FileSystems.join(out, *name.split("/")), data)
+    _write(FileSystems.join(out, WIDS_INDEX), json.dumps(wids_index(manifest), indent=1).encode())
+    _write(FileSystems.join(out, "README.md"), render(manifest).encode())
+    return stats

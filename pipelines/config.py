@@ -9,6 +9,7 @@ annotator's settings class lists in ``RUN_ONLY``: endpoints, timeouts, retries, 
 from __future__ import annotations
 
 import dataclasses
+import re
 import difflib
 import json
 from dataclasses import dataclass, field
@@ -209,3 +210,36 @@ def load_config(path: str | None) -> PipelineConfig:
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"--config: '{path}' must hold a mapping of sections at the top level")
     return config_from_dict(data)
+
+
+_SECRET_KEY = re.compile(r"(api_?key|secret|password|passwd|token|authorization|bearer|credential)", re.I)
+_SECRET_FLAG = re.compile(r"^--?[\w-]*(api[_-]?key|secret|password|token)[\w-]*(=.*)?$", re.I)
+
+
+def mask_secrets(value: Any) -> Any:
+    """A copy of ``value`` with secret-looking values replaced by "***": mapping keys that name a
+    secret (api_key, token, password, …), ``--api-key X`` / ``--token=X`` in argument lists, and
+    ``sk-…`` / ``hf_…`` strings."""
+    if isinstance(value, dict):
+        return {k: "***" if _SECRET_KEY.search(str(k)) and v not in (None, "", {}, [])
+                else mask_secrets(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        out: list[Any] = []
+        hide_next = False
+        for item in value:
+            if hide_next:
+                out.append("***")
+                hide_next = False
+                continue
+            if isinstance(item, str) and _SECRET_FLAG.match(item):
+                if "=" in item:
+                    out.append(item.split("=", 1)[0] + "=***")
+                else:
+                    out.append(item)
+                    hide_next = True
+                continue
+            out.append(mask_secrets(item))
+        return out
+    if isinstance(value, str) and re.match(r"^(sk-|hf_)[A-Za-z0-9_-]{8,}", value):
+        return "***"
+    return value

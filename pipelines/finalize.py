@@ -194,7 +194,8 @@ def run_problem(manifest: dict[str, Any]) -> str | None:
 
 
 def _clean_temporaries(out: str) -> None:
-    """Temporary files left by killed workers (never under a final name)."""
+    """Temporary files left by killed workers (never under a final name), and progress files."""
+    _delete([lay.join(out, lay.WORK_DIR, "progress")])
     try:
         leftovers = FileSystems.match([FileSystems.join(out, "shards", "*.tmp-*")])[0].metadata_list
     except Exception:

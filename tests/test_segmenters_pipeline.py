@@ -31,6 +31,7 @@ def test_tiny_sam_config_builds_and_validates(tmp_path: Path) -> None:
     assert seg["weights"] == "random-init seed 0" and seg["segment_anything_version"]
     got = records(out)
     with_masks = [r for r in got.values() if any(g["level"] == "pixel" for g in r["regions"])]
+    assert with_masks, "SAM gave no mask on any image: the checks below would check nothing"
     assert counts["images_without_masks"] == 6 - len(with_masks)
     for record in with_masks:
         for region in record["regions"]:

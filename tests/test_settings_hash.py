@@ -95,7 +95,6 @@ RUN_CHANGES = [
                                               "cwd": "/tmp", "log_path": "/tmp/server.log"}}}),
     ("vllm-named", {"captioner": {"clients": {"tagger": {"timeout_s": 3.0,
                                                          "max_in_flight": 4}}}}),
-    ("sam", {"segmenter": {"points_per_batch": 16, "encoder_batch": 2}}),
     ("transformers", {"captioner": {"batch_size": 2, "allow_download": True}}),
     ("default", {"batch": {"segment": 1, "caption": 32}}),
     ("default", {"limits": {"max_transient_fraction": 0.5, "min_samples": 5, "window": 50}}),
@@ -114,6 +113,8 @@ def test_run_settings_leave_the_hash_unchanged(base: str, change: dict[str, Any]
 
 
 OUTPUT_CHANGES = [
+    ("sam", {"segmenter": {"points_per_batch": 16}}),   # batched kernels move scores by ~1e-6
+    ("sam", {"segmenter": {"encoder_batch": 2}}),
     ("vllm", {"captioner": {"program": "longgrit"}}),
     ("vllm", {"captioner": {"model": "other-vlm"}}),
     ("vllm", {"captioner": {"client": {"temperature": 0.7}}}),

@@ -350,12 +350,62 @@ def test_spec_provenance_fills_defaults() -> None:
         spec_provenance("nope", {})
 
 
-def test_render_with_provenance_params_reproduces_the_prompt() -> None:
-    image, mask, bbox = case(5)
-    for kind in VISUAL_PROMPTS:
-        params = spec_provenance(kind)["params"]
-        assert to_png(render(kind, image, mask, bbox, **params)) == \
-            to_png(render(kind, image, mask, bbox))
+# The defaults the kinds' docstrings give (RED / GREY, margin 0.25 of the box but at least 16 px,
+# half dimming, no blur, alpha cropped, width None = auto_line_width).
+DOCUMENTED_DEFAULTS = {
+    "box": {"color": [255, 0, 0], "width": None},
+    "contour": {"color": [255, 0, 0], "width": None},
+    "crop": {"margin": 0.25, "min_margin": 16},
+    "crop_masked": {"margin": 0.25, "min_margin": 16, "fill": [128, 128, 128]},
+    "highlight": {"dim": 0.5, "blur": 0.0},
+    "alpha": {"crop": True, "margin": 0.25, "min_margin": 16},
+}
+# One value per parameter, each of which changes the render of ``region_case`` on its own.
+NON_DEFAULT = {
+    "box": {"color": [0, 0, 255], "width": 5},
+    "contour": {"color": "lime", "width": 4},
+    "crop": {"margin": 1.5, "min_margin": 2},
+    "crop_masked": {"margin": 1.5, "min_margin": 2, "fill": [0, 0, 0]},
+    "highlight": {"dim": 0.9, "blur": 2.0},
+    "alpha": {"crop": False, "margin": 1.5, "min_margin": 2},
+}
+
+
+def region_case() -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """A 120x100 noise image with a 20x16 blob in the middle, far from every border."""
+    rng = np.random.default_rng(11)
+    image = random_image(rng, 100, 120)
+    mask = np.zeros((100, 120), dtype=bool)
+    mask[40:56, 50:70] = True
+    mask[40:44, 50:54] = False
+    return image, mask, tight_bbox(mask)
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    assert set(DOCUMENTED_DEFAULTS) == set(VISUAL_PROMPTS) == set(NON_DEFAULT)
+    image, mask, bbox = region_case()
+    for kind, params in DOCUMENTED_DEFAULTS.items():
+        assert spec_provenance(kind)["params"] == params, kind
+        assert to_png(render(kind, image, mask, bbox)) == \
+            to_png(render(kind, image, mask, bbox, **params)), kind
+    # and they do what the documentation says, on pixels
+    x0, y0, x1, y1 = box_bounds(bbox, *mask.shape)
+    assert pixels(render("box", image, None, bbox))[y0, x0:x1].tolist() == [list(RED)] * (x1 - x0)
+    faded = pixels(render("highlight", image, mask, bbox))
+    assert np.array_equal(faded[~mask], np.floor(image[~mask] * 0.5).astype(np.uint8))
+    assert render("crop", image, mask, bbox).size == (x1 - x0 + 32, y1 - y0 + 32)  # 16 px a side
+    assert render("alpha", image, mask, bbox).size == (x1 - x0 + 32, y1 - y0 + 32)
+
+
+@pytest.mark.parametrize("kind", sorted(VISUAL_PROMPTS))
+def test_params_change_the_render_and_their_provenance_reproduces_it(kind: str) -> None:
+    image, mask, bbox = region_case()
+    default = to_png(render(kind, image, mask, bbox))
+    for name, value in NON_DEFAULT[kind].items():
+        assert to_png(render(kind, image, mask, bbox, **{name: value})) != default, name
+    custom = to_png(render(kind, image, mask, bbox, **NON_DEFAULT[kind]))
+    recorded = json.loads(json.dumps(spec_provenance(kind, NON_DEFAULT[kind])))["params"]
+    assert to_png(render(kind, image, mask, bbox, **recorded)) == custom
 
 
 # --------------------------------------------------------------------------- encoding, sizing

@@ -364,7 +364,19 @@ def test_benchmark_smoke_report_fields(tmp_path: Path) -> None:
                 "cpu_bound_ceiling_rps", "ceiling_efficiency", "answers",
                 "failures", "targets", "met", "environment"):
         assert key in report, key
-    assert report["requests"] == bench.SMOKE["requests"] and report["answers"] == report["requests"]
-    ideal = bench.SMOKE["in_flight"] * 1000 / bench.SMOKE["latency_ms"]
-    assert report["ideal_rps"] == pytest.approx(ideal)
-    assert report["failures"] == 0 and set(report["met"]) == {"efficiency", "cpu_per_request_ms"}
+    smoke = bench.SMOKE
+    assert (report["requests"], report["in_flight"], report["latency_ms"]) == \
+        (smoke["requests"], smoke["in_flight"], smoke["latency_ms"])
+    assert report["answers"] == report["requests"] and report["failures"] == 0
+    # Each answer takes at least latency_ms and at most in_flight are outstanding, so the run
+    # cannot be shorter than requests / in_flight * latency, nor its rate above the ideal one: a
+    # shorter time means requests went over the in-flight limit or the clock was read wrong.
+    floor_s = smoke["requests"] / smoke["in_flight"] * smoke["latency_ms"] / 1000
+    assert floor_s * 0.98 <= report["wall_s"] < 60
+    assert 0 < report["rps"] <= report["ideal_rps"] * 1.02
+    assert 0 < report["efficiency"] <= 1.02 and 0 < report["ceiling_efficiency"] <= 1
+    assert report["cpu_per_request_ms"] > 0 and report["cpu_bound_ceiling_rps"] > 0
+    assert report["server_cpu_per_request_ms"] >= 0
+    assert set(report["met"]) == set(report["targets"]) == {"efficiency", "cpu_per_request_ms"}
+    assert all(isinstance(v, bool) for v in report["met"].values())
+    assert report["environment"]["cpus"] >= 1 and report["environment"]["python"]

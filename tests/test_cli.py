@@ -1,0 +1,69 @@
+"""The command line: progress, --print-config with secrets masked, quiet logs, --help."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines import progress
+from pipelines.config import mask_secrets
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.build_dataset", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_secrets_are_masked_everywhere_in_a_settings_tree() -> None:
+    settings = {"captioner": {"server": {"command": ["vllm", "serve", "m", "--api-key", "sk-live-123456789",
+                                                      "--hf-token=hf_abcdefghijkl", "--port", "8000"],
+                                         "env": {"HF_TOKEN": "hf_abcdefghijkl", "OMP_NUM_THREADS": "4"}},
+                              "client": {"extra_body": {"api_key": "x"}, "api_key_env": "VLLM_API_KEY",
+                                         "timeout_s": 5}},
+                "note": "sk-abcdefghijklmnop"}
+    masked = mask_secrets(settings)
+    text = yaml.safe_dump(masked)
+    for secret in ("sk-live-123456789", "hf_abcdefghijkl", "sk-abcdefghijklmnop"):
+        assert secret not in text
+    assert masked["captioner"]["server"]["command"] == ["vllm", "serve", "m", "--api-key", "***",
+                                                        "--hf-token=***", "--port", "8000"]
+    assert masked["captioner"]["server"]["env"]["OMP_NUM_THREADS"] == "4"
+    assert masked["captioner"]["client"]["timeout_s"] == 5
+
+
+def test_progress_lines_sum_every_worker(tmp_path: Path) -> None:
+    out, run = str(tmp_path), "run1"
+    assert "listing inputs" in progress.line(progress.read(out, run), 1.0)
+    progress.write_total(10, out, run)
+    base = Path(progress.progress_dir(out, run))
+    (base / "1-a.json").write_text('{"done": 3, "written": 2, "permanent": 1, "transient": 0}')
+    (base / "2-b.json").write_text('{"done": 2, "written": 1, "permanent": 0, "transient": 1}')
+    counts = progress.read(out, run)
+    assert counts == {"done": 5, "written": 3, "permanent": 1, "transient": 1, "total": 10}
+    text = progress.line(counts, 10.0)
+    assert text.startswith("images 5/10 (50%) · 0.5 img/s · ETA 10s")
+    assert "1 permanent, 1 transient" in text
+
+
+@pytest.mark.slow
+def test_cli_shows_progress_prints_config_and_stays_quiet(tmp_path: Path) -> None:
+    built = _cli("--input", "synthetic://3?size=64", "--output", str(tmp_path / "out"))
+    assert built.returncode == 0, built.stderr
+    assert "images 3/3 (100%)" in built.stderr and "done" in built.stderr   # not a TTY: log lines
+    assert "WARNING" not in built.stderr and "apitools" not in built.stderr
+    assert not (tmp_path / "out" / "_work" / "progress").exists()
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"captioner": {"name": "vllm", "model": "m", "server": {
+        "command": ["python", "-m", "vllm.entrypoints.openai.api_server", "--api-key", "sk-secret-value-1"],
+        "env": {"HF_TOKEN": "hf_secretsecret"}}}}))
+    shown = _cli("--input", "samples", "--config", str(config), "--print-config")
+    assert shown.returncode == 0, shown.stderr
+    assert "sk-secret-value-1" not in shown.stdout and "hf_secretsecret" not in shown.stdout
+    assert "settings_hash:" in shown.stdout and "samples_per_shard: 64" in shown.stdout
+    helped = _cli("--help")
+    assert "examples:" in helped.stdout and "--prune-vanished" in helped.stdout
