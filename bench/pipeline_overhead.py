@@ -1,0 +1,120 @@
+"""The pipeline's own cost around the models, against a minimal image pipeline.
+
+Photos of 1280×960 with ~20 given masks each (a manifest with COCO RLE ``masks``) are built with
+``segmenter: given`` and ``captioner: none`` — no model runs — and compared with a minimal
+img2dataset-like loop over the same files: read, decode, resize to 1024 (area filter), JPEG q95,
+``webdataset.TarWriter`` with the given masks as JSON. Both run in one process. The figure is the
+*marginal* wall time per image, (wall at N2 − wall at N1) / (N2 − N1), which removes start-up:
+
+    python bench/pipeline_overhead.py --sizes 100 1000 [--json bench/results/overhead.json]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def make_inputs(root: Path, count: int, masks_per_image: int = 20, seed: int = 0) -> Path:
+    """``count`` JPEG photos (1280×960) with given masks; returns the manifest path."""
+    from annotators import masks as rle
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    yy, xx = np.mgrid[0:960, 0:1280]
+    base = (np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1)).astype(np.uint8)
+    for i in range(count):
+        rgb = base.copy()
+        shapes = []
+        for _ in range(masks_per_image):
+            cx, cy = rng.integers(60, 1220), rng.integers(60, 900)
+            rx, ry = rng.integers(15, 160), rng.integers(15, 160)
+            mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+            rgb[mask] = rng.integers(0, 255, 3)
+            shapes.append(rle.encode(mask))
+        path = root / f"photo{i:05d}.jpg"
+        Image.fromarray(rgb).save(path, quality=92)
+        rows.append({"path": path.name, "key": f"photo{i:05d}", "masks": shapes})
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+def baseline(manifest: Path, out: Path) -> float:
+    """The minimal loop; returns wall seconds."""
+    import cv2
+    import webdataset as wds
+
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(out / "baseline.tar")) as sink:
+        for line in manifest.read_text().splitlines():
+            row = json.loads(line)
+            data = (manifest.parent / row["path"]).read_bytes()
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            h, w = image.shape[:2]
+            scale = 1024 / max(h, w)
+            image = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+            ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            sink.write({"__key__": row["key"], "jpg": jpeg.tobytes(),
+                        "json": json.dumps({"masks": row["masks"]}).encode()})
+    return time.perf_counter() - start
+
+
+def pipeline(manifest: Path, out: Path) -> tuple[float, dict]:
+    """The build with given masks and no captions; returns (wall seconds, manifest)."""
+    config = out.parent / "overhead.yaml"
+    config.write_text("segmenter: {name: given}\ncaptioner: {name: none}\nshards: {samples_per_shard: 256}\n")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pipelines.build_dataset", "--input", str(manifest),
+                    "--output", str(out), "--config", str(config), "--no-progress"],
+                   cwd=ROOT, check=True, capture_output=True)
+    wall = time.perf_counter() - start
+    return wall, json.loads((out / "manifest.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs=2, default=[100, 1000])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="overhead-"))
+    rows = {}
+    try:
+        for size in args.sizes:
+            manifest = make_inputs(work / f"in-{size}", size)
+            base = baseline(manifest, work / f"base-{size}")
+            wall, built = pipeline(manifest, work / f"out-{size}")
+            rows[size] = {"baseline_s": round(base, 2), "pipeline_s": round(wall, 2),
+                          "written": built["counts"]["written"],
+                          "seconds_per_stage": built["seconds_per_stage"]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    n1, n2 = args.sizes
+    marginal_base = (rows[n2]["baseline_s"] - rows[n1]["baseline_s"]) / (n2 - n1)
+    marginal_pipe = (rows[n2]["pipeline_s"] - rows[n1]["pipeline_s"]) / (n2 - n1)
+    result = {"sizes": rows, "marginal_baseline_ms": round(1000 * marginal_base, 2),
+              "marginal_pipeline_ms": round(1000 * marginal_pipe, 2),
+              "ratio": round(marginal_pipe / marginal_base, 2), "target": 1.5}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
