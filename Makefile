@@ -46,8 +46,8 @@ schema-doc: $(VENV)/.stamp-core
 $(VENV)/.stamp-all: setup.py constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,sam,vllm,hf]"
-	@touch $@ $(VENV)/.stamp-core $(VENV)/.stamp-sam $(VENV)/.stamp-test $(VENV)/.stamp-hf $(VENV)/.stamp-vllm
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,sam,vllm,hf,train]"
+	@touch $@ $(VENV)/.stamp-core $(VENV)/.stamp-sam $(VENV)/.stamp-test $(VENV)/.stamp-hf $(VENV)/.stamp-vllm $(VENV)/.stamp-train
 
 vllm-env:
 	bash tools/vllm_cpu/setup.sh
@@ -72,3 +72,30 @@ SDK_WORKERS ?= 2
 .PHONY: build-dataset-portable
 build-dataset-portable: $(BUILD_STAMP) $(BUILD_SERVER)
 	$(PY) tools/portable_run.py --sdk-workers $(SDK_WORKERS) -- --input '$(INPUT)' --output '$(OUTPUT)' $(if $(CONFIG),--config '$(CONFIG)') $(ARGS)
+
+# A look at a built dataset: OUTPUT/preview/index.html (one offline page) and PNG contact sheets
+# of N sampled images with their masks, boxes, region tree, texts and visual prompts.
+N ?= 48
+.PHONY: preview
+preview: $(VENV)/.stamp-core
+	$(PY) -m pipelines.preview '$(OUTPUT)' --n $(N)
+
+# COCO instances JSON per split (+ the images) of a built dataset, in OUTPUT/coco/:
+# LEVEL=pixel (masks, default), region (boxes) or all (both, parents linked).
+LEVEL ?= pixel
+.PHONY: export-coco
+export-coco: $(VENV)/.stamp-core
+	$(PY) -m pipelines.export_coco '$(OUTPUT)' --level $(LEVEL)
+
+# Train RegionCLIP on built shards (README, "Training"): DATA = a dataset folder, shard paths,
+# a glob or {a..b} list, or URLs; CONFIG = trainer YAML (default: the tiny CPU config); OUTPUT =
+# run folder (default out/train). Rerunning the same command resumes from its last checkpoint.
+# NPROC=N starts N processes with torchrun (DDP); DEVICE = auto | cpu | cuda.
+DATA ?= out/dataset
+NPROC ?= 1
+DEVICE ?= auto
+TRAIN_OUTPUT = $(if $(filter command line environment,$(origin OUTPUT)),$(OUTPUT),out/train)
+TRAIN_LAUNCH = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PY))
+.PHONY: train
+train: $(VENV)/.stamp-train
+	$(TRAIN_LAUNCH) -m trainer.train --data $(DATA) --config '$(or $(CONFIG),configs/tiny-train.yaml)' --output '$(TRAIN_OUTPUT)' --device $(DEVICE) $(ARGS)

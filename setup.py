@@ -11,6 +11,7 @@ CORE = [
     "webdataset>=1.0.2,<1.1",
     "jsonschema>=4.20",
     "pyyaml>=6",
+    "matplotlib>=3.8",         # the dataset card's plots
 ]
 EXTRAS = {
     # Segment Anything. torch/torchvision: the registry's default builds (see README, "Extras").
@@ -19,15 +20,20 @@ EXTRAS = {
     "vllm": ["openai[aiohttp]>=3.50,<4"],
     # In-process captioning with Hugging Face transformers (small runs; same caption programs).
     "hf": ["transformers==5.23.0", "torch==2.14.0", "torchvision==0.29.0"],
-    "test": ["pytest>=8", "pytest-xdist>=3", "datasets>=4", "aiohttp>=3.10", "openai[aiohttp]>=3.50,<4"],
+    "test": ["pytest>=8", "pytest-xdist>=3", "datasets>=4", "aiohttp>=3.10", "openai[aiohttp]>=3.50,<4",
+             "duckdb>=1.1", "wids>=0.1.11"],
+    # The RegionCLIP trainer (trainer/): open_clip towers, optional LLM text encoder, plots.
+    "train": ["open-clip-torch==3.3.0", "torch==2.14.0", "torchvision==0.29.0", "transformers==5.23.0",
+              "safetensors>=0.4", "fsspec>=2023.1", "matplotlib>=3.8"],
 }
 
 setup(
     name="multigran",
     version="0.1.0",
     description="Build multi-granularity (image / box / mask) image-text datasets with Apache Beam.",
-    packages=find_packages(include=["annotators*", "pipelines*", "schemas*", "trainer*"]),
-    package_data={"annotators": ["programs/*.yaml"]},
+    packages=find_packages(include=["annotators*", "pipelines*", "schemas*", "settings*",
+                                    "trainer*"]),
+    package_data={"annotators.caption": ["programs/*.yaml"], "trainer": ["model_configs/*.json"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,

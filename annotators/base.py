@@ -1,137 +1,20 @@
-"""The two annotator roles (segmenter, captioner), their data types and settings validation.
+"""The two annotator roles (segmenter, captioner) and the data they take and give.
 
-An annotator is one module: a settings dataclass validated on construction, ``setup()`` for
+An annotator is one module: a settings dataclass validated on construction (``settings``:
+``parse_settings``, ``RUN_ONLY`` for the fields left out of the settings hash), ``setup()`` for
 loading (called once per worker), a batch method for work, and one entry in
 ``annotators.registry``. Nothing here imports a heavy library.
-
-Settings are of two kinds. Most change what the annotator writes (model, prompts, thresholds,
-seed, ...) and go into the build's settings hash. *Run settings* only change how the work is done
-(endpoints, timeouts, retries, batch sizes, server lifecycle); a settings class lists them in
-``RUN_ONLY`` (collected over its base classes), or defines ``hash_view()`` when its hashed part is
-more than a subset of its fields. A field not listed is hashed, so a new field is safe by default.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import hashlib
-import json
-import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
-
-class ConfigError(ValueError):
-    """A setting is wrong. The message names the field and says how to fix it."""
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def _type_ok(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if annotation is Any:
-        return True
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin is dict:
-        return isinstance(value, dict)
-    if typing.get_origin(annotation) is typing.Literal:
-        return value in typing.get_args(annotation)
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
-
-
-def parse_settings(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:
-    """Build dataclass ``cls`` from ``values``; unknown fields and wrong types raise ConfigError.
-
-    ``where`` is the dotted config path of the section (e.g. ``segmenter``), used in messages.
-    """
-    values = dict(values or {})
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for name in values:
-        if name not in names:
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known fields: {', '.join(names)}"
-            raise ConfigError(f"{where}.{name}: unknown setting; {hint}")
-    for name, value in values.items():
-        if not _type_ok(value, hints[name]):
-            raise ConfigError(
-                f"{where}.{name}: expected {_type_name(hints[name])}, got {value!r}; "
-                f"set it to a value of that type"
-            )
-    try:
-        obj = cls(**values)
-    except TypeError as exc:
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                   and f.name not in values]
-        raise ConfigError(f"{where}: missing required setting(s) {missing}; add them") from exc
-    check = getattr(obj, "check", None)
-    if check is not None:
-        try:
-            check()
-        except ConfigError as exc:
-            raise ConfigError(f"{where}.{exc}") from None
-    return obj
-
-
-def _type_name(annotation: Any) -> str:
-    if typing.get_origin(annotation) is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def require(condition: bool, field_name: str, message: str) -> None:
-    """Raise ConfigError('<field>: <message>') unless ``condition`` holds (for ``check()``)."""
-    if not condition:
-        raise ConfigError(f"{field_name}: {message}")
-
-
-def run_only_fields(cls: type) -> frozenset[str]:
-    """The fields of dataclass ``cls`` declared run-only: ``RUN_ONLY`` of it and its bases."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        names |= set(vars(klass).get("RUN_ONLY", ()))
-    unknown = names - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise TypeError(f"{cls.__name__}.RUN_ONLY names no field: {sorted(unknown)}")
-    return frozenset(names)
-
-
-def hashed_fields(settings: Any) -> dict[str, Any]:
-    """Every field of dataclass ``settings`` except its run-only ones, as plain data."""
-    run_only = run_only_fields(type(settings))
-    return {name: value for name, value in dataclasses.asdict(settings).items()
-            if name not in run_only}
-
-
-def hashed_view(settings: Any) -> dict[str, Any]:
-    """What of ``settings`` goes into the settings hash: its ``hash_view()`` if it has one,
-    else ``hashed_fields``."""
-    own = getattr(settings, "hash_view", None)
-    return own() if callable(own) else hashed_fields(settings)
-
-
-def stable_hash(obj: Any) -> str:
-    """Short sha256 of the canonical JSON of ``obj`` (dataclasses allowed)."""
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    data = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(data).hexdigest()[:16]
+from settings import hashed_view, parse_settings
 
 
 # --------------------------------------------------------------------------- data types

@@ -4,20 +4,21 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
-from annotators.base import Captioner, ConfigError, Segmenter
+from annotators.base import Captioner, Segmenter
+from settings import ConfigError
 
 SEGMENTERS: dict[str, str] = {
-    "classical": "annotators.classical:ClassicalSegmenter",
-    "given": "annotators.given:GivenSegmenter",
-    "sam-auto": "annotators.sam:SamAutoSegmenter",
-    "sam-boxes": "annotators.sam:SamBoxesSegmenter",
+    "classical": "annotators.segment.classical:ClassicalSegmenter",
+    "given": "annotators.segment.given:GivenSegmenter",
+    "sam-auto": "annotators.segment.sam:SamAutoSegmenter",
+    "sam-boxes": "annotators.segment.sam:SamBoxesSegmenter",
 }
 
 CAPTIONERS: dict[str, str] = {
-    "attributes": "annotators.attributes:AttributesCaptioner",
-    "none": "annotators.no_captions:NoCaptioner",
-    "vllm": "annotators.vllm:VllmCaptioner",
-    "transformers": "annotators.hf_captioner:TransformersCaptioner",
+    "attributes": "annotators.caption.attributes:AttributesCaptioner",
+    "none": "annotators.caption.no_captions:NoCaptioner",
+    "vllm": "annotators.caption.backends.openai_api.captioner:VllmCaptioner",
+    "transformers": "annotators.caption.backends.transformers_local:TransformersCaptioner",
 }
 
 

@@ -30,7 +30,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from annotators.base import AnnotatorFailure  # noqa: E402
-from annotators.vllm_client import ChatRequest, VllmChatClient  # noqa: E402
+from annotators.caption.backends.openai_api.client import VllmChatClient  # noqa: E402
+from annotators.caption.backends.openai_api.messages import ChatRequest  # noqa: E402
 from tests.fault_server import FaultConfig, ProcessFaultServer, start_in_process  # noqa: E402
 
 log = logging.getLogger("caption_client_bench")

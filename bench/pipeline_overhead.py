@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 def make_inputs(root: Path, count: int, masks_per_image: int = 20, seed: int = 0) -> Path:
     """``count`` JPEG photos (1280×960) with given masks; returns the manifest path."""
-    from annotators import masks as rle
+    from annotators.segment import masks as rle
 
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)

@@ -24,14 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from annotators import masks
 from annotators.base import SegmentInput, SegmentOutput
-from annotators.sam import (
-    SamAutoSegmenter,
-    build_random_sam,
-    resolve_device,
-    segment_anything_version,
-)
+from annotators.devices import torch_device
+from annotators.segment import masks
+from annotators.segment.sam import SamAutoSegmenter
+from annotators.segment.sam_model import build_random_sam, segment_anything_version
 
 logger = logging.getLogger("bench.sam_bench")
 
@@ -158,7 +155,7 @@ def mask_agreement(reference: list[SegmentOutput], other: list[SegmentOutput],
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build both paths on shared random weights, time them, and return the report."""
-    device = resolve_device(args.device)
+    device = torch_device(args.device)
     images = synthetic_images(args.images, args.size, args.seed)
     model = build_random_sam(args.model_type, args.seed)
     stock = SamAutoSegmenter(segmenter_settings(args, fast=False), where="bench.stock")

@@ -1,8 +1,15 @@
 """Airflow DAG `build_dataset`: build → validate → publish, each a run of the project's own code.
 
-- **build** runs `python -m pipelines.build_dataset --input … --output … [--config …] [extra args]`
-  with the project's interpreter (the one `make build-dataset` uses), so the DAG and Airflow's
-  environment never share packages with Beam;
+- **build** first checks the settings (`--print-config`: bad settings fail the task at once, with
+  no retry), then runs `python -m pipelines.build_dataset --input … --output … [--config …]
+  [extra args]` with the project's interpreter (the one `make build-dataset` uses), so the DAG
+  and Airflow's environment never share packages with Beam. When the Apache Beam provider
+  (`apache-airflow-providers-apache-beam`, with the Google provider for Dataflow) is installed,
+  the build goes through its `BeamRunPythonPipelineOperator` (`py_file` = the module, run with
+  `-m` by the same interpreter; `extra_args` become its pipeline options, `--runner` its runner):
+  Beam logs in the task log and, on Dataflow, the job link and cancellation on kill. Without the
+  provider it runs the command itself. `MULTIGRAN_BEAM_OPERATOR` picks another operator class
+  (`module:Class`, same keyword arguments), or `none` for the command;
 - **validate** runs `python -m pipelines.validate OUTPUT` (exit 1 on any problem fails the run);
 - **publish** checks `manifest.json` (inputs = written + failed, at least one record) and copies
   `index/`, the `README.md` card and `manifest.json` into `publish_dir`, verifying each copy by
@@ -26,11 +33,22 @@ Relative paths are relative to the repository root, which is also the working di
 the build and validate commands. Publishing copies local files only; build and validate take
 any Beam filesystem path.
 
+Retries and timeouts, per task (environment variables read when the DAG is parsed):
+
+| task | retries | retry delay | timeout |
+|---|---|---|---|
+| build | `MULTIGRAN_BUILD_RETRIES`, 2 (a rerun redoes only unfinished shards) | 5 min, doubling | `MULTIGRAN_BUILD_TIMEOUT_H`, 24 h |
+| validate | 1 | 1 min | 2 h |
+| publish | 2 | 1 min | 30 min |
+
+Bad settings (exit status 2) fail the run without retries.
+
 Only the standard library and Airflow are imported here, so the file parses in milliseconds.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -38,10 +56,12 @@ import shlex
 import shutil
 import subprocess
 from collections import deque
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import DAG, Param, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 LOG = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +69,9 @@ REPO = Path(__file__).resolve().parents[1]
 # then the card, and manifest.json last on purpose.
 PUBLISHED_DIRS = ("index/images", "index/regions", "failures")
 PUBLISHED_FILES = ("README.md", "manifest.json")
+BAD_SETTINGS = 2          # the pipeline's exit status for bad settings: retrying cannot help
+BEAM_OPERATOR = "airflow.providers.apache.beam.operators.beam:BeamRunPythonPipelineOperator"
+LOCAL_RUNNER = "FnApiRunner"
 
 
 def published_names(source: Path) -> list[str]:
@@ -110,7 +133,8 @@ def validate_command(params: dict[str, Any]) -> list[str]:
 def run_logged(command: list[str], tail: int = 40) -> None:
     """Run ``command`` in the repository root, logging its output line by line.
 
-    Raises RuntimeError with the last ``tail`` lines when it exits non-zero.
+    Raises AirflowFailException (no retry) when it exits with ``BAD_SETTINGS``, RuntimeError
+    with the last ``tail`` lines on any other non-zero exit.
     """
     LOG.info("running: %s", shlex.join(command))
     last: deque[str] = deque(maxlen=tail)
@@ -122,7 +146,79 @@ def run_logged(command: list[str], tail: int = 40) -> None:
             last.append(line)
             LOG.info("%s", line)
     if process.returncode != 0:
-        raise RuntimeError(f"{shlex.join(command)} exited with {process.returncode}:\n" + "\n".join(last))
+        message = f"{shlex.join(command)} exited with {process.returncode}:\n" + "\n".join(last)
+        raise (AirflowFailException if process.returncode == BAD_SETTINGS else RuntimeError)(message)
+
+
+def beam_operator() -> type | None:
+    """The operator class the build runs through, or None to run the command itself.
+
+    ``MULTIGRAN_BEAM_OPERATOR`` (``module:Class`` or ``none``), else the Apache Beam provider's
+    ``BeamRunPythonPipelineOperator`` when it imports (it does not without the Google provider).
+    """
+    spec = os.environ.get("MULTIGRAN_BEAM_OPERATOR", BEAM_OPERATOR)
+    if spec.lower() in ("", "none"):
+        return None
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception as exc:   # not installed, or unusable in this environment
+        if spec != BEAM_OPERATOR:
+            raise
+        LOG.debug("Apache Beam provider not usable (%s); the build runs its command", exc)
+        return None
+
+
+def beam_pipeline(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(runner, pipeline options) of the build for the Beam operator: the flags of
+    ``build_command`` as a dict (``--k v`` / ``--k=v`` → k: v, a bare ``--k`` → True, a
+    repeated flag → a list)."""
+    options: dict[str, Any] = {"input": params["input"], "output": params["output"]}
+    if params.get("config"):
+        options["config"] = params["config"]
+    args = shlex.split(params.get("extra_args") or "")
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--"):
+            raise ValueError(f"extra_args: expected --flag, got {token!r}")
+        name, eq, value = token[2:].partition("=")
+        if not eq:
+            value = True
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+        if name in options and name not in ("input", "output", "config"):
+            previous = options[name]
+            options[name] = (previous if isinstance(previous, list) else [previous]) + [value]
+        else:
+            options[name] = value
+        i += 1
+    return str(options.pop("runner", LOCAL_RUNNER)), options
+
+
+def check_settings(params: dict[str, Any]) -> None:
+    """Fail the task without retries when the settings are bad (``--print-config`` exits 2)."""
+    command = build_command(params) + ["--print-config"]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                         check=False)
+    if run.returncode == BAD_SETTINGS:
+        raise AirflowFailException(f"bad settings: {run.stderr.strip()[-2000:]}")
+    if run.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} exited with {run.returncode}:\n{run.stderr[-4000:]}")
+
+
+def run_build(params: dict[str, Any], context: Any) -> None:
+    """The build, through the Beam operator when there is one, else as a logged command."""
+    check_settings(params)
+    operator = beam_operator()
+    if operator is None:
+        run_logged(build_command(params))
+        return
+    runner, options = beam_pipeline(params)
+    LOG.info("running the build through %s.%s (runner %s)", operator.__module__, operator.__name__, runner)
+    os.chdir(REPO)   # relative paths are the repository's, as for the command (this task's process only)
+    operator(task_id="build_pipeline", py_file="pipelines.build_dataset", py_options=["-m"],
+             py_interpreter=_interpreter(params), runner=runner, pipeline_options=options).execute(context)
 
 
 def _sha256(path: Path) -> str:
@@ -187,7 +283,7 @@ with DAG(
     catchup=False,
     max_active_runs=1,          # two runs into one output would race on its shards
     tags=["multigran", "beam"],
-    default_args={"retries": 0},
+    default_args={"retries": 0, "retry_delay": timedelta(minutes=1)},
     params={
         "input": Param(_default("input", "samples"), type="string", minLength=1,
                        description="dir | glob | manifest | .tar shards | samples | synthetic://N"),
@@ -204,17 +300,19 @@ with DAG(
     },
 ) as dag:
 
-    @task
+    @task(retries=int(_default("build_retries", "2")), retry_delay=timedelta(minutes=5),
+          retry_exponential_backoff=True,
+          execution_timeout=timedelta(hours=float(_default("build_timeout_h", "24"))))
     def build() -> None:
         """Run the Beam pipeline (reruns skip shards that are already complete)."""
-        run_logged(build_command(_params()))
+        run_build(_params(), get_current_context())
 
-    @task
+    @task(retries=1, execution_timeout=timedelta(hours=2))
     def validate() -> None:
         """Check every shard, the index, failures table and manifest; fails on any problem."""
         run_logged(validate_command(_params()))
 
-    @task
+    @task(retries=2, execution_timeout=timedelta(minutes=30))
     def publish() -> dict[str, Any]:
         """Copy index, card and manifest to ``publish_dir``; returns what was published."""
         params = _params()

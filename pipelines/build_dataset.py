@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from annotators.base import ConfigError
+from settings import ConfigError
 from annotators.registry import build_captioner, build_segmenter
 from pipelines import finalize, progress, stages, writer
 from pipelines import layout as lay
@@ -66,21 +66,25 @@ class Plan:
 
 
 class WriteShards(beam.PTransform):
-    """Outcomes → staged files → one shard written per shard name (only names are grouped)."""
+    """Outcome branches → staged files → one shard written per shard name (only names are
+    grouped)."""
 
     def __init__(self, plan: Plan, buckets: beam.PCollection, unfinished: beam.PCollection) -> None:
         super().__init__()
         self.plan, self.buckets, self.unfinished = plan, buckets, unfinished
 
-    def expand(self, outcomes: beam.PCollection) -> beam.PCollection:
+    def expand(self, branches: tuple[beam.PCollection, ...]) -> beam.PCollection:
         plan = self.plan
         out, settings_hash, split = plan.output, plan.config.settings_hash(), plan.config.shards.split
 
         def write(grouped: tuple[str, Any], buckets: int) -> dict[str, Any]:
             return writer.write_shard(out, grouped[0], settings_hash, lay.Layout(buckets, split, settings_hash))
 
-        staged = outcomes | "Stage" >> beam.ParDo(writer.StageOutcomes(out, plan.run_id))
-        return ((staged, self.unfinished) | "AllShardWork" >> beam.Flatten()
+        # Each branch is staged where it is made (a Flatten before staging would make a local
+        # runner hold every image in memory); only (shard, file name) pairs are flattened.
+        staged = [branch | f"Stage{i}" >> beam.ParDo(writer.StageOutcomes(out, plan.run_id))
+                  for i, branch in enumerate(branches)]
+        return ((*staged, self.unfinished) | "AllShardWork" >> beam.Flatten()
                 | "GroupShards" >> beam.GroupByKey()
                 | "Write" >> beam.Map(write, beam.pvalue.AsSingleton(self.buckets)))
 
@@ -127,9 +131,8 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> None:
     _ = ((planned["new"], planned["failed"]) | "ThisRun" >> beam.Flatten()
          | "CountThisRun" >> beam.combiners.Count.Globally()
          | "WriteTotal" >> beam.Map(progress.write_total, plan.output, plan.run_id))
-    outcomes = (records, failures) | "Outcomes" >> beam.Flatten()
     unfinished = unfinished_shards(planned)
-    written = outcomes | "WriteShards" >> WriteShards(plan, planned["buckets"], unfinished)
+    written = (records, failures) | "WriteShards" >> WriteShards(plan, planned["buckets"], unfinished)
     if plan.prune:
         _ = planned["pruned"] | "DeletePruned" >> beam.Map(finalize.delete_shard, plan.output)
     facts = [written | "ShardFacts" >> beam.Map(lambda st: ("shard", st)),
@@ -267,7 +270,7 @@ def run(argv: Sequence[str] | None = None, show_progress: bool = False) -> dict[
             raise
         raise RunFailed(message) from exc
     finally:   # managed model servers started by in-process workers never outlive the run
-        from annotators import managed_server
+        from annotators.serving import managed_server
 
         managed_server.stop_all()
     manifest = finalize.finalize(plan.output, plan.input_spec, plan.config, plan.provenance,

@@ -257,10 +257,8 @@ def header(manifest: dict[str, Any]) -> list[str]:
     ]
     for split in splits(manifest):
         lines += [f"  - split: {split}", f"    path: shards/{split}-*.tar"]
-    for name, folder in (("images", "index/images"), ("regions", "index/regions"),
-                         ("failures", "failures")):
-        lines += [f"- config_name: {name}", "  data_files:",
-                  "  - split: train", f"    path: {folder}/*.parquet"]
+    # One config only: `datasets` picks one builder (here webdataset) for every config of a
+    # folder, so the parquet index is loaded with the "parquet" builder instead (see Loading).
     return lines + ["---", ""]
 
 
@@ -328,7 +326,7 @@ def _text_lines(stats: dict[str, Any]) -> list[str]:
               f"![regions per image]({PLOTS['regions_per_image']})", "", "Top tags:", "",
               "| level | distinct | most frequent |", "|---|---|---|"]
     for level in LEVELS:
-        top = ", ".join(f"{tag} ({n})" for tag, n in stats["top_tags"][level][:10]) or "—"
+        top = ", ".join(f"{tag} ({n})".replace("|", "\\|") for tag, n in stats["top_tags"][level][:10]) or "—"
         lines.append(f"| {level} | {stats['distinct_tags'][level]} | {top} |")
     return lines + ["", f"![top tags]({PLOTS['top_tags']})"]
 
@@ -391,14 +389,16 @@ sample = ds[len(ds) - 1]          # {"__key__", ".json", ".jpg" or ".png", ...},
 print(len(ds), sample["__key__"], sample[".json"]["image_level"]["caption"])
 ```
 
-Hugging Face `datasets` (the configs in this card's header):
+Hugging Face `datasets` (the folder loads through the `configs` of this card's header; the
+index tables with the parquet builder):
 
 ```python
+import os
 from datasets import load_dataset
 
 root = "."
-ds = load_dataset(root, split="train")                  # shards: {"json": record, "jpg"/"png": image}
-regions = load_dataset(root, "regions", split="train")  # the region index (no images)
+ds = load_dataset(os.path.abspath(root), split="train")   # the shards: {"json": record, "jpg"/"png": image}
+regions = load_dataset("parquet", data_files=f"{root}/index/regions/*.parquet", split="train")
 print(ds, regions)
 ```
 

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import yaml
 from apache_beam.io.filesystems import FileSystems
 
-from annotators.base import ConfigError, hashed_fields, parse_settings, require, stable_hash
 from annotators.registry import build_captioner, build_segmenter
+from settings import ConfigError, hashed_fields, parse_settings, require, stable_hash
 
 PIPELINE_VERSION = "0.1.0"
 

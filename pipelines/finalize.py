@@ -91,7 +91,8 @@ def delete_shard(shard: str, out: str) -> None:
 def delete_build(out: str) -> None:
     """Remove a whole build (``--overwrite`` with other settings)."""
     _delete([lay.join(out, name) for name in
-             ("shards", "index", "failures", lay.WORK_DIR, "manifest.json", "README.md")])
+             ("shards", "index", "failures", lay.WORK_DIR, "manifest.json", "README.md", "plots",
+              "wids-index.json", "preview")])
 
 
 def versions() -> dict[str, str]:
@@ -164,10 +165,11 @@ def finalize(out: str, input_spec: str, config: PipelineConfig, provenance: dict
         "beam_counters_this_run": counters or {},
         "versions": versions(),
     }
+    # text statistics for the card: read column by column from the per-shard index files
+    manifest["stats"] = card.dataset_stats(out)
     with FileSystems.create(FileSystems.join(out, "manifest.json")) as handle:
         handle.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
-    with FileSystems.create(FileSystems.join(out, "README.md")) as handle:
-        handle.write(card.render(manifest).encode())
+    card.write(out, manifest)   # README.md, plots/*.png, wids-index.json
     _clean_temporaries(out)
     return manifest | {"output": out}
 

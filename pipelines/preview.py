@@ -7,11 +7,11 @@ For a sample of images (those with failed regions first, up to a quarter of the 
 drawn by a seeded hash of the key) the page shows each image with its pixel masks overlaid in
 distinct colours and its boxes outlined with their ids, the region hierarchy (whole → part →
 subpart) as a collapsible tree, and per region its caption, long caption, tags, scores and the
-visual prompts its captioner was shown — rendered again here by ``annotators.visual_prompts``,
+visual prompts its captioner was shown — rendered again here by ``annotators.caption.visual_prompts``,
 the code the pipeline's RenderPrompts stage runs, with the program step that used each one.
 The page filters by level (boxes or masks) and by failure (images with failed regions, inputs
-that failed); the failures table is read from ``failures/``. Without JavaScript everything is
-shown.
+that failed), also from the address (``index.html#level=pixel&fail=images``); the failures
+table is read from ``failures/``. Without JavaScript everything is shown.
 
 Files (relative to ``OUT/preview/``): ``index.html``; ``contact-NN.png`` (a grid of overlays
 with keys); ``images/{key}.png`` (masks + boxes), ``images/{key}.pixel.png`` (masks only),
@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from annotators import masks as rle
-from annotators import visual_prompts as vp
+from annotators.caption import visual_prompts as vp
+from annotators.segment import masks as rle
 
 DEFAULT_N = 48
 MAX_SIDE = 512           # preview images are downsized to this longest side
@@ -231,7 +231,7 @@ def program_steps(provenance: dict[str, Any]) -> dict[str, list[tuple[str, list[
     if not program.get("id"):
         return {}
     try:
-        from annotators.vllm import load_program
+        from annotators.caption.program import load_program
 
         loaded = load_program(program["id"])
     except Exception:
@@ -401,6 +401,10 @@ function apply(){
   if(level==='pixel'){document.querySelectorAll('li.lv-region>details').forEach(function(d){d.open=true;});}
 }
 document.querySelectorAll('.controls input').forEach(function(i){i.addEventListener('change',apply);});
+location.hash.slice(1).split('&').forEach(function(kv){  // e.g. index.html#level=pixel&fail=images
+  var p=kv.split('='),i=document.querySelector('input[name="'+p[0]+'"][value="'+p[1]+'"]');
+  if(i){i.checked=true;}
+});
 apply();
 """
 

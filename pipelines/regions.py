@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from annotators import masks as rle
+from annotators.segment import masks as rle
 from annotators.base import Candidate, RegionView
 from pipelines.config import RegionSettings
 

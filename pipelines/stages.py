@@ -191,8 +191,8 @@ class RenderPrompts(beam.DoFn):
         if not self.specs:
             yield item
             return
-        from annotators import masks as rle
-        from annotators import visual_prompts as vp
+        from annotators.caption import visual_prompts as vp
+        from annotators.segment import masks as rle
 
         start = time.perf_counter()
         try:

@@ -81,7 +81,8 @@ def _mask_errors(region: dict, where: str, width: int, height: int, check_masks:
         return [f"{where}.mask.size: {mask['size']} differs from the image [{height}, {width}]"]
     if not check_masks:
         return []
-    from annotators import masks as mask_utils  # pycocotools; imported only when masks are checked
+    # pycocotools; imported only when masks are checked
+    from annotators.segment import masks as mask_utils
 
     try:
         box, area = mask_utils.bbox(mask), mask_utils.area(mask)

@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from annotators import masks as rle
-from annotators import visual_prompts as vp
 from annotators.base import CaptionInput, RegionView
+from annotators.caption import visual_prompts as vp
+from annotators.segment import masks as rle
 
 
 def make_item(key: str, specs: dict[str, list[dict[str, Any]]], width: int = 64,

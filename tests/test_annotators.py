@@ -6,15 +6,16 @@ import io
 import numpy as np
 import pytest
 
-from annotators import masks
-from annotators.attributes import AttributesCaptioner, colour_name, position_name, size_name
-from annotators.base import Candidate, CaptionInput, ConfigError, SegmentInput
-from annotators.classical import ClassicalSegmenter
-from annotators.given import GivenSegmenter
+from annotators.base import Candidate, CaptionInput, SegmentInput
+from annotators.caption.attributes import AttributesCaptioner, colour_name, position_name, size_name
 from annotators.registry import build_captioner, build_segmenter
+from annotators.segment import masks
+from annotators.segment.classical import ClassicalSegmenter
+from annotators.segment.given import GivenSegmenter
 from pipelines.config import RegionSettings, config_from_dict, load_config
 from pipelines.regions import select_regions
 from pipelines.synthetic import COLOURS, scene
+from settings import ConfigError
 
 
 def test_classical_levels_nest_exactly() -> None:
@@ -109,7 +110,7 @@ def test_default_yaml_is_the_embedded_default() -> None:
 def test_classical_merging_matches_skimage_rag() -> None:
     from skimage import graph, segmentation
 
-    from annotators.classical import _adjacency, _merge_below
+    from annotators.segment.classical import _adjacency, _merge_below
 
     image = np.asarray(scene(9, 3, 96)[0]).copy()
     image += np.random.default_rng(0).integers(0, 40, image.shape, dtype=np.uint8)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from annotators import managed_server
+from annotators.serving import managed_server
 from pipelines import validate, writer
 from tests.conftest import build, records
 from tests.fault_server import FaultConfig, serve_faults

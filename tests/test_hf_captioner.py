@@ -16,14 +16,16 @@ import yaml
 
 pytest.importorskip("transformers")
 
-from annotators.base import CaptionInput, CaptionResult, ConfigError
-from annotators.hf_captioner import (
+from annotators.base import CaptionInput, CaptionResult
+from annotators.caption.backends.base import ChatAnswer, GenerationRequest
+from annotators.caption.backends.checks import ANSWER_REASONS
+from annotators.caption.backends.transformers_local import (
     LocalChatClient,
     TransformersCaptioner,
     processor_messages,
 )
 from annotators.registry import build_captioner
-from annotators.vllm_client import ANSWER_REASONS, ChatAnswer
+from settings import ConfigError
 from tests.helpers import make_item
 
 BUILDER = Path(__file__).resolve().parents[1] / "tools" / "vllm_cpu" / "make_tiny_qwen2vl.py"
@@ -153,11 +155,10 @@ def test_valid_json_answers_fill_every_target(tiny_model: Path,
 def test_client_answers_in_order_and_sampling_is_seeded(tiny_model: Path) -> None:
     client = LocalChatClient({"model": str(tiny_model), **FAST, "allow_truncated": True,
                               "batch_size": 2})
-    image = client.encode_image(np.full((40, 56, 3), 200, np.uint8))
-    requests = [client.request(shared_images=[image], text=f"Caption {i}.", region_id=f"r{i}")
-                for i in range(3)]
+    image = np.full((40, 56, 3), 200, np.uint8)
+    requests = [GenerationRequest(f"Caption {i}.", [image], region_id=f"r{i}") for i in range(3)]
     requests[1].max_tokens = 5
-    answers = client.run_many(requests)
+    answers = client.generate(requests)
     assert [a.region_id for a in answers] == ["r0", "r1", "r2"]
     # free text with allow_truncated: every request is answered, within its token limit
     assert all(isinstance(a, ChatAnswer) for a in answers), answers
@@ -165,10 +166,10 @@ def test_client_answers_in_order_and_sampling_is_seeded(tiny_model: Path) -> Non
         == [True] * 3
     assert all(a.finish_reason in ("stop", "length") and a.usage["prompt_tokens"] > 0
                for a in answers)
-    sampled = [client.request(text="Say something."), client.request(text="Say more.")]
+    sampled = [GenerationRequest("Say something."), GenerationRequest("Say more.")]
     for request in sampled:
         request.temperature = 1.0
-    first, second = client.run_many(sampled), client.run_many(sampled)
+    first, second = client.generate(sampled), client.generate(sampled)
     assert all(isinstance(a, ChatAnswer) for a in first + second), first + second
     assert [a.text for a in first] == [a.text for a in second]
     assert client.metrics["requests"] == 7
@@ -178,8 +179,8 @@ def test_client_answers_in_order_and_sampling_is_seeded(tiny_model: Path) -> Non
 def test_structured_answers_are_asked_again(tiny_model: Path) -> None:
     client = LocalChatClient({"model": str(tiny_model), **FAST, "answer_retries": 1,
                               "retry_answer_reasons": ["bad_json", "truncated"]})
-    request = client.request(text="Tags?", json_schema={"type": "object", "required": ["tags"]})
-    [answer] = client.run_many([request])
+    request = GenerationRequest("Tags?", json_schema={"type": "object", "required": ["tags"]})
+    [answer] = client.generate([request])
     assert not isinstance(answer, ChatAnswer) and answer.reason in ANSWER_REASONS, answer
     assert client.metrics["retries"] == 1, answer
     assert client.metrics["failures"][answer.reason] == 1
@@ -187,18 +188,17 @@ def test_structured_answers_are_asked_again(tiny_model: Path) -> None:
 
 def test_schema_goes_into_the_prompt_and_images_become_parts() -> None:
     client = LocalChatClient({"model": "some/model", "device": "cpu"})
-    image = client.encode_image(np.zeros((8, 8, 3), np.uint8))
-    request = client.request(system="sys", shared_images=[image], text="Tags?",
-                             json_schema={"type": "object", "required": ["tags"]})
-    messages, images = processor_messages(request.messages, request.json_schema)
+    request = GenerationRequest("Tags?", [np.zeros((8, 8, 3), np.uint8)], system="sys",
+                                json_schema={"type": "object", "required": ["tags"]})
+    images = [client.picture(image) for image in request.images]
+    messages = processor_messages(request, images)
     assert messages[0] == {"role": "system", "content": [{"type": "text", "text": "sys"}]}
     parts = messages[1]["content"]
     assert [p["type"] for p in parts] == ["image", "text", "text"]
     assert '"required":["tags"]' in parts[-1]["text"]
     assert len(images) == 1 and images[0].size == (8, 8)
     with pytest.raises(ValueError, match="data URL"):
-        processor_messages([{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}])
+        client.picture("http://example.com/a.png")
 
 
 def test_bad_model_path_is_a_config_error(tmp_path: Path) -> None:

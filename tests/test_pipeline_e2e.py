@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from annotators import masks
-from annotators.base import ConfigError
+from annotators.segment import masks
 from pipelines import validate
+from settings import ConfigError
 from tests.conftest import build, records
 
 pytestmark = pytest.mark.slow

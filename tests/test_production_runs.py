@@ -196,10 +196,11 @@ def test_pipeline_size_does_not_grow_with_inputs(tmp_path: Path) -> None:
 
 
 def test_run_settings_do_not_block_a_resume_but_output_settings_do(tmp_path: Path) -> None:
-    from annotators.base import ConfigError
+    from settings import ConfigError
 
     program = tmp_path / "umg-edited.yaml"
-    original = (Path(__file__).resolve().parent.parent / "annotators" / "programs" / "umg.yaml").read_text()
+    original = (Path(__file__).resolve().parent.parent / "annotators" / "caption" / "programs"
+                / "umg.yaml").read_text()
     with serve_faults(FaultConfig()) as one, serve_faults(FaultConfig()) as two:
         config = _caption_config(one.base_url)
         build(tmp_path, "synthetic://3?size=64", config=config)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from annotators import masks
 from annotators.base import Candidate
+from annotators.segment import masks
 from pipelines.config import RegionSettings
 from pipelines.regions import select_regions
 from pipelines.synthetic import scene

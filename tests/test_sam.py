@@ -20,11 +20,13 @@ from segment_anything import SamPredictor
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 from segment_anything.utils.amg import mask_to_rle_pytorch
 
-from annotators import masks, sam_fast
-from annotators.base import AnnotatorFailure, ConfigError, SegmentInput, SegmentOutput
+from annotators.base import AnnotatorFailure, SegmentInput, SegmentOutput
 from annotators.registry import build_segmenter
-from annotators.sam import SamAutoSegmenter, SamBoxesSegmenter, build_tiny_sam
+from annotators.segment import masks, sam_fast
+from annotators.segment.sam import SamAutoSegmenter, SamBoxesSegmenter
+from annotators.segment.sam_model import build_tiny_sam
 from bench import sam_bench
+from settings import ConfigError
 
 # Thresholds at which the tiny model keeps some masks and drops others.
 LOOSE = {"pred_iou_thresh": 0.7, "stability_score_thresh": 0.5}

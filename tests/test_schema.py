@@ -6,7 +6,7 @@ import copy
 import numpy as np
 import pytest
 
-from annotators import masks
+from annotators.segment import masks
 from schemas import (FAILURES_SCHEMA, IMAGES_SCHEMA, RECORD_JSON_SCHEMA, REGIONS_SCHEMA, RecordError,
                      check_record, record_errors)
 from schemas import doc

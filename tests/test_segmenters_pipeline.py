@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from annotators import masks
+from annotators.segment import masks
 from pipelines import validate
 from pipelines.synthetic import scene
 from tests.conftest import build, records

@@ -16,13 +16,13 @@ import pytest
 import yaml
 
 from annotators import registry
-from annotators.base import ConfigError, run_only_fields
-from annotators.hf_captioner import LocalClientSettings
-from annotators.managed_server import ServerSettings
-from annotators.vllm import load_program
-from annotators.vllm_client import ClientSettings
+from annotators.caption.backends.openai_api.settings import ClientSettings
+from annotators.caption.backends.transformers_local import LocalClientSettings
+from annotators.caption.program import load_program
+from annotators.serving.managed_server import ServerSettings
 from pipelines import config as config_module
 from pipelines.config import LimitSettings, config_from_dict
+from settings import ConfigError, run_only_fields
 
 VLLM = {"name": "vllm", "model": "fake-vlm", "program": "umg",
         "endpoints": ["http://127.0.0.1:8000/v1"]}
@@ -175,7 +175,7 @@ def test_program_content_is_hashed_not_its_name(tmp_path: Path) -> None:
 
 
 def test_visual_prompt_defaults_and_versions_are_hashed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from annotators import visual_prompts
+    from annotators.caption import visual_prompts
 
     base = settings_hash({"captioner": VLLM})
     monkeypatch.setattr(visual_prompts, "VERSION", "2")
@@ -183,7 +183,7 @@ def test_visual_prompt_defaults_and_versions_are_hashed(monkeypatch: pytest.Monk
 
 
 def test_annotator_and_pipeline_versions_are_hashed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from annotators.vllm import VllmCaptioner
+    from annotators.caption.backends.openai_api.captioner import VllmCaptioner
 
     base = settings_hash({"captioner": VLLM})
     monkeypatch.setattr(VllmCaptioner, "version", "2")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from annotators import managed_server, shared
-from annotators.base import parse_settings
+from annotators.serving import managed_server, shared
+from settings import parse_settings
 from tests.conftest import build
 
 pytestmark = pytest.mark.slow
@@ -137,8 +137,8 @@ def test_driver_stop_all_stops_servers_of_its_workers(tmp_path: Path) -> None:
     settings = _server(tmp_path, marker, "ignore-sigterm", stop_grace_s=1)
     worker = (
         "import sys, time, json\n"
-        "from annotators import managed_server\n"
-        "from annotators.base import parse_settings\n"
+        "from annotators.serving import managed_server\n"
+        "from settings import parse_settings\n"
         "s = parse_settings(managed_server.ServerSettings, json.loads(sys.argv[1]), 'server')\n"
         "h = managed_server.acquire(s)\n"
         "print(h.pid, flush=True)\n"
@@ -183,7 +183,7 @@ def test_unrelated_servers_are_left_alone(tmp_path: Path) -> None:
 SAM_USER = r"""
 import json, sys
 from annotators.base import SegmentInput
-from annotators.sam import SamAutoSegmenter
+from annotators.segment.sam import SamAutoSegmenter
 from tests.test_sam import LOOSE, comparable, shapes_image
 
 settings = json.loads(sys.argv[1])

@@ -15,12 +15,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from annotators.base import ConfigError
-from pipelines.decode import read_bytes
 from pipelines import layout
+from pipelines.decode import read_bytes
 from pipelines.plan import FAILED, PRESENT, VANISHED, decide
 from pipelines.sources import list_inputs
 from pipelines.types import ImageRef
+from settings import ConfigError
 
 KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from annotators.base import ConfigError
-from annotators.visual_prompts import (
+from annotators.caption.backends.images import fit_pixels
+from annotators.caption.visual_prompts import (
     GREY,
     RED,
     VISUAL_PROMPTS,
@@ -23,13 +23,13 @@ from annotators.visual_prompts import (
     contour_mask,
     crop_box,
     crop_with_offset,
-    fit_pixels,
     region_mask,
     render,
     render_with_offset,
     spec_provenance,
     to_png,
 )
+from settings import ConfigError
 
 SEEDS = range(40)
 MASK_KINDS = ["contour", "crop_masked", "highlight", "alpha"]

@@ -13,11 +13,14 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from annotators import managed_server
-from annotators.base import CaptionInput, ConfigError
-from annotators.managed_server import ManagedServer, ServerError
+from annotators.base import CaptionInput
+from annotators.caption.backends.openai_api.captioner import VllmCaptioner
+from annotators.caption.engine import clean_tags
+from annotators.caption.program import load_program, parse_program
 from annotators.registry import build_captioner
-from annotators.vllm import VllmCaptioner, clean_tags, load_program, parse_program
+from annotators.serving import managed_server
+from annotators.serving.managed_server import ManagedServer, ServerError
+from settings import ConfigError
 from tests.fault_server import FaultApp, FaultConfig, FaultServer
 from tests.helpers import make_item
 
@@ -313,7 +316,7 @@ def test_captioner_with_managed_fault_server(tmp_path: Path) -> None:
 def test_managed_server_dies_with_its_parent(tmp_path: Path) -> None:
     parent = (
         "import sys, time\n"
-        "from annotators.managed_server import ManagedServer\n"
+        "from annotators.serving.managed_server import ManagedServer\n"
         "s = ManagedServer({'command': [sys.executable, '-c', sys.argv[1], '{port}'],\n"
         "                   'poll_interval_s': 0.05, 'log_path': sys.argv[2]}).start()\n"
         "print(s.pid, flush=True)\n"

@@ -17,12 +17,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from annotators.base import AnnotatorFailure, ConfigError
-from annotators.vllm_client import (
-    AnswerChecks, ChatAnswer, ChatRequest, ClientSettings, VllmChatClient, backoff_delay,
-    build_messages, check_answer, encode_image, fit_to_pixels, is_empty, is_truncated,
-    parse_json_answer, refusal_phrase, repetition,
+from annotators.base import AnnotatorFailure
+from annotators.caption.backends.base import ChatAnswer, GenerationRequest
+from annotators.caption.backends.checks import (
+    AnswerChecks, check_answer, is_empty, is_truncated, parse_json_answer, refusal_phrase,
+    repetition,
 )
+from annotators.caption.backends.images import decode_image, encode_image, fit_to_pixels
+from annotators.caption.backends.openai_api.client import VllmChatClient
+from annotators.caption.backends.openai_api.endpoints import backoff_delay
+from annotators.caption.backends.openai_api.messages import ChatRequest, build_messages
+from annotators.caption.backends.openai_api.settings import ClientSettings
+from settings import ConfigError
 from tests.fault_server import FAULTS, FaultConfig, FaultServer, dead_url, serve_faults
 
 TAGS_SCHEMA = {"type": "object",
@@ -172,7 +178,7 @@ def test_api_key_from_env_sent_as_bearer_and_never_exposed(server: Any, monkeypa
     secret = "sk-test-" + "".join(random.choice("abcdef0123456789") for _ in range(24))
     monkeypatch.setenv("TEST_VLLM_KEY", secret)
     caplog.set_level(logging.DEBUG)
-    for name in ("openai", "httpx2", "aiohttp", "annotators.vllm_client"):
+    for name in ("openai", "httpx2", "aiohttp", "annotators.caption.backends"):
         caplog.set_level(logging.DEBUG, logger=name)
     client = make_client([server.base_url], api_key_env="TEST_VLLM_KEY", quiet_http_logs=False)
     results = client.run_many([text_request("ok"), text_request("[[fault:http_400]]"),
@@ -253,6 +259,41 @@ def test_encode_image_passes_small_images_through_and_keeps_aspect() -> None:
 def test_build_messages_without_system_or_images() -> None:
     messages = build_messages(text="hello")
     assert messages == [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+
+
+def _png(width: int, height: int, mode: str = "RGB") -> bytes:
+    rgb = np.random.default_rng(1).integers(0, 255, (height, width, len(mode)), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(rgb, mode).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("image_format", ["auto", "jpeg", "png"])
+def test_in_process_pixels_are_what_the_data_url_decodes_to(image_format: str) -> None:
+    """An in-process model sees exactly the pixels a server decodes from the data URL."""
+    array = np.random.default_rng(2).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    for image in (_jpeg(300, 200), _jpeg(40, 30), _png(300, 200), _png(40, 30),
+                  _png(200, 100, "RGBA"), array):
+        url = encode_image(image, 10_000, image_format, 80)
+        expected = np.asarray(_decode(url).convert("RGB"))
+        got = np.asarray(decode_image(image, 10_000, image_format, 80))
+        assert got.shape == expected.shape and np.array_equal(got, expected)
+
+
+def test_generate_encodes_each_image_once_and_fails_unreadable_ones(server: Any) -> None:
+    client = make_client([server.base_url])
+    whole = _jpeg(64, 48)
+    requests = [GenerationRequest(f"region {i}", [whole], system="sys", region_id=f"r{i}")
+                for i in range(3)]
+    requests.insert(1, GenerationRequest("broken", [b"not an image"], region_id="bad"))
+    results = client.generate(requests)
+    client.teardown()
+    assert [r.region_id for r in results] == ["r0", "bad", "r1", "r2"]
+    assert isinstance(results[1], AnnotatorFailure) and results[1].reason == "prompt_error"
+    assert all(isinstance(r, ChatAnswer) for r in results[:1] + results[2:])
+    assert server.app.n_requests == 3 and client.metrics["requests"] == 3
+    urls = {json.dumps(r.body["messages"][-1]["content"][0]) for r in server.requests}
+    assert len(urls) == 1
 
 
 # --------------------------------------------------------------------------- pure checks

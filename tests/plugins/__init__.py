@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from annotators.classical import ClassicalSegmenter
+from annotators.segment.classical import ClassicalSegmenter
 
 
 class WhereSegmenter(ClassicalSegmenter):

@@ -1,252 +1,50 @@
 """SAM segmenters: ``sam-auto`` (automatic masks) and ``sam-boxes`` (masks from given boxes).
 
-Both wrap Meta's ``segment_anything`` package. Weights are the user's checkpoint, read through
-Apache Beam's filesystems (local path, gs://, s3://, ...), or, for tests and benchmarks, a model with
-random weights from a fixed seed — ``model_type: tiny`` builds a ~0.4M-parameter SAM that runs on
-CPU in about a second per image. Nothing is ever downloaded.
+Both wrap Meta's ``segment_anything`` package; their settings and the model they load (the
+user's checkpoint, or random weights from a fixed seed — ``model_type: tiny`` builds a
+~0.4M-parameter SAM that runs on CPU in about a second per image) are in ``sam_model``.
 
-Masks leave the segmenter as COCO RLE of the given image (``annotators.masks`` format); boxes and
-areas are measured on that RLE so they agree exactly with the mask.
+Masks leave the segmenter as COCO RLE of the given image (``annotators.segment.masks``
+format); boxes and areas are measured on that RLE so they agree exactly with the mask.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import io
 import logging
 import os
-import re
-from dataclasses import dataclass
-from functools import partial
-from importlib import metadata
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import torch
-from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
-from segment_anything.modeling import (
-    ImageEncoderViT,
-    MaskDecoder,
-    PromptEncoder,
-    Sam,
-    TwoWayTransformer,
-)
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+from segment_anything.modeling import Sam
 from segment_anything.utils.amg import MaskData
 
-from annotators import masks
-from annotators.shared import SharedModel
-from annotators.base import (
-    AnnotatorFailure,
-    Candidate,
-    ConfigError,
-    Segmenter,
-    SegmentInput,
-    SegmentOutput,
-    require,
-)
-from annotators.sam_fast import (
+from annotators.base import AnnotatorFailure, Candidate, Segmenter, SegmentInput, SegmentOutput
+from annotators.devices import device_name, torch_device
+from annotators.segment import masks
+from annotators.segment.sam_fast import (
     FastMaskGenerator,
+    fast_points_per_batch,
     masks_to_uncompressed_rle,
     use_sdpa_attention,
 )
+from annotators.segment.sam_model import (
+    SamAutoSettings,
+    SamBoxesSettings,
+    build_random_sam,
+    hash_checkpoint,
+    load_state_dict,
+    read_checkpoint,
+    segment_anything_version,
+)
+from annotators.serving.shared import SharedModel
+from settings import ConfigError
 
 logger = logging.getLogger(__name__)
 
-ModelType = Literal["vit_h", "vit_l", "vit_b", "tiny"]
-MODEL_TYPES: tuple[str, ...] = ("vit_h", "vit_l", "vit_b", "tiny")
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-#: Decoder batch for the fast path when ``points_per_batch`` is not set.
-FAST_POINTS_PER_BATCH_CPU = 256
-FAST_POINTS_PER_BATCH_MAX = 4096
 STOCK_POINTS_PER_BATCH = 64
-
-
-# --------------------------------------------------------------------------- settings
-
-
-@dataclass
-class SamModelSettings:
-    """Which SAM to load, where to run it and at what precision (shared by both segmenters)."""
-
-    model_type: ModelType = "vit_h"
-    checkpoint: str | None = None            # local path or any Beam filesystem path (gs://...)
-    checkpoint_sha256: str | None = None     # if set: verified at setup, and provenance needs no read
-    random_weights: bool = False             # benchmarks only: seeded random weights, no checkpoint
-    init_seed: int = 0                       # seed of random weights (tiny / random_weights)
-    device: str = "auto"                     # auto | cpu | cuda | cuda:N
-    bf16: bool = False                       # bf16 autocast on CUDA (ignored on CPU)
-    compile_encoder: bool = False            # torch.compile the image encoder
-    # One loaded model per machine for all SDK processes (annotators.shared); worth it on a GPU.
-    share_across_processes: bool = False
-
-    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"share_across_processes"})
-
-    def check(self) -> None:
-        """Validate values; raise ConfigError naming the field."""
-        require(self.model_type in MODEL_TYPES, "model_type", f"use one of {', '.join(MODEL_TYPES)}")
-        require(bool(_DEVICE.match(self.device)), "device", "use auto, cpu, cuda or cuda:N")
-        require(self.init_seed >= 0, "init_seed", "must be 0 or more")
-        require(not (self.random_weights and self.checkpoint), "random_weights",
-                "cannot be true together with a checkpoint; drop one of them")
-        require(self.checkpoint is not None or self.random_weights or self.model_type == "tiny",
-                "checkpoint", f"model_type {self.model_type} needs a checkpoint path "
-                "(local or gs://...); only 'tiny' or random_weights run without one")
-        require(self.checkpoint is None or bool(self.checkpoint.strip()), "checkpoint",
-                "is empty; give a path or leave it out")
-        require(self.checkpoint_sha256 is None or bool(_SHA256.match(self.checkpoint_sha256)),
-                "checkpoint_sha256", "must be 64 lowercase hex digits")
-        require(self.checkpoint_sha256 is None or self.checkpoint is not None, "checkpoint_sha256",
-                "is set but there is no checkpoint")
-
-
-@dataclass
-class SamAutoSettings(SamModelSettings):
-    """Settings of ``sam-auto``: the model plus ``SamAutomaticMaskGenerator``'s parameters."""
-
-    points_per_side: int = 32
-    points_per_batch: int | None = None      # None: 64 (stock) / as memory allows (fast)
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 0
-    fast: bool = False                       # the project's batched, device-side generator
-    encoder_batch: int = 4                   # fast path: images per image-encoder call
-
-    # points_per_batch and encoder_batch stay hashed: masks are computed per point and embeddings
-    # per image, but batched kernels move scores and embeddings by ~1e-6, which can change bytes.
-
-    def check(self) -> None:
-        """Validate values; raise ConfigError naming the field."""
-        super().check()
-        require(self.points_per_side >= 1, "points_per_side", "must be 1 or more")
-        require(self.points_per_batch is None or self.points_per_batch >= 1, "points_per_batch",
-                "must be 1 or more (or left out)")
-        for name in ("pred_iou_thresh", "stability_score_thresh"):
-            require(0.0 <= getattr(self, name) <= 1.0, name, "must be between 0 and 1")
-        for name in ("box_nms_thresh", "crop_nms_thresh"):
-            require(0.0 < getattr(self, name) <= 1.0, name, "must be above 0 and at most 1")
-        require(self.stability_score_offset > 0, "stability_score_offset", "must be above 0")
-        require(self.crop_n_layers >= 0, "crop_n_layers", "must be 0 or more")
-        require(0.0 <= self.crop_overlap_ratio < 1.0, "crop_overlap_ratio", "must be in [0, 1)")
-        require(self.crop_n_points_downscale_factor >= 1, "crop_n_points_downscale_factor",
-                "must be 1 or more")
-        require(self.min_mask_region_area >= 0, "min_mask_region_area", "must be 0 or more")
-        require(self.encoder_batch >= 1, "encoder_batch", "must be 1 or more")
-
-
-@dataclass
-class SamBoxesSettings(SamModelSettings):
-    """Settings of ``sam-boxes``: only the model; prompts are the boxes given with each image."""
-
-
-# --------------------------------------------------------------------------- models
-
-
-def build_tiny_sam(seed: int = 0) -> Sam:
-    """A ~0.4M-parameter SAM with random weights from ``seed`` (for tests; CPU friendly).
-
-    img_size 256, a 2-block ViT (one windowed, one global block, relative positions), a 32-wide
-    prompt encoder and mask decoder. The mask logits and IoU head are scaled so that random masks
-    have a spread of stability and predicted-IoU scores, so the generator's filters have work to do.
-    The global RNG is left untouched.
-    """
-    embed = 32
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        sam = Sam(
-            image_encoder=ImageEncoderViT(
-                img_size=256, patch_size=16, embed_dim=96, depth=2, num_heads=3, mlp_ratio=4,
-                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), qkv_bias=True,
-                use_rel_pos=True, global_attn_indexes=(1,), window_size=8, out_chans=embed),
-            prompt_encoder=PromptEncoder(embed_dim=embed, image_embedding_size=(16, 16),
-                                         input_image_size=(256, 256), mask_in_chans=8),
-            mask_decoder=MaskDecoder(
-                num_multimask_outputs=3,
-                transformer=TwoWayTransformer(depth=2, embedding_dim=embed, mlp_dim=64, num_heads=2),
-                transformer_dim=embed, iou_head_depth=3, iou_head_hidden_dim=32),
-        )
-        _spread_scores(sam)
-    return sam.eval()
-
-
-def _spread_scores(sam: Sam) -> None:
-    with torch.no_grad():
-        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(50.0)
-        sam.mask_decoder.iou_prediction_head.layers[-1].bias.add_(0.8)
-
-
-def build_random_sam(model_type: str, seed: int) -> Sam:
-    """SAM of ``model_type`` with random weights from ``seed`` (same cost as trained weights)."""
-    if model_type == "tiny":
-        return build_tiny_sam(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return sam_model_registry[model_type](checkpoint=None).eval()
-
-
-def read_checkpoint(path: str) -> tuple[bytes, str]:
-    """Bytes and sha256 of a checkpoint at a local or Beam filesystem path."""
-    from apache_beam.io.filesystems import FileSystems  # only needed for checkpoints
-
-    try:
-        with FileSystems.open(path) as handle:
-            data = handle.read()
-    except (OSError, ValueError) as exc:  # Beam: BeamIOError per filesystem, ValueError per scheme
-        raise ConfigError(f"checkpoint: cannot read {path!r} ({exc}); fix the path") from exc
-    return data, hashlib.sha256(data).hexdigest()
-
-
-def hash_checkpoint(path: str) -> str:
-    """sha256 of a checkpoint, streamed (for provenance without loading the model)."""
-    from apache_beam.io.filesystems import FileSystems
-
-    digest = hashlib.sha256()
-    try:
-        with FileSystems.open(path) as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"checkpoint: cannot read {path!r} ({exc}); fix the path") from exc
-    return digest.hexdigest()
-
-
-def load_state_dict(sam: Sam, data: bytes, path: str) -> None:
-    """Load checkpoint bytes (a state dict, or {"model": state dict}) into ``sam``."""
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    try:
-        sam.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[:3]
-        raise ConfigError(f"checkpoint: {path!r} does not fit the model_type ({' '.join(first)}); "
-                          "set model_type to the checkpoint's architecture") from exc
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; cuda requested without CUDA is a ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device: CUDA was requested but is not available; use auto or cpu")
-    return torch.device(name)
-
-
-def segment_anything_version() -> str:
-    """Installed version of the segment-anything distribution ('unknown' if not from a wheel)."""
-    try:
-        return metadata.version("segment-anything")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 # --------------------------------------------------------------------------- segmenters
@@ -283,7 +81,7 @@ class _SamSegmenter(Segmenter):
 
     def attach_model(self, model: Sam) -> None:
         """Use an already built ``model`` (moved to the device); for sharing weights in benchmarks."""
-        device = resolve_device(self.settings.device)
+        device = torch_device(self.settings.device)
         self.model = model.to(device).eval()
         self._adapt_model(self.model)
         if self.settings.compile_encoder:
@@ -330,6 +128,7 @@ class _SamSegmenter(Segmenter):
         the model runs at (bfloat16 only with ``bf16`` on CUDA, else float32), settings."""
         s = self.settings
         checkpoint = os.path.basename(s.checkpoint.rstrip("/")) if s.checkpoint else None
+        device = device_name(s.device)
         return {
             "name": self.name,
             "version": self.version,
@@ -338,17 +137,10 @@ class _SamSegmenter(Segmenter):
             "checkpoint_sha256": self._checkpoint_digest(),
             "weights": self._weights(),
             "segment_anything_version": segment_anything_version(),
-            "device": self._device_name(),
-            "dtype": ("bfloat16" if s.bf16 and self._device_name().startswith("cuda")
-                      else "float32"),
+            "device": device,
+            "dtype": "bfloat16" if s.bf16 and device.startswith("cuda") else "float32",
             "settings": dataclasses.asdict(s),
         }
-
-    def _device_name(self) -> str:
-        """The configured device with 'auto' resolved (same before and after setup)."""
-        if self.settings.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.settings.device
 
     def _checkpoint_digest(self) -> str | None:
         if self.settings.checkpoint is None:
@@ -521,30 +313,6 @@ def _auto_candidate(record: dict[str, Any]) -> Candidate | None:
     scores = {"predicted_iou": float(record["predicted_iou"]),
               "stability": float(record["stability_score"])}
     return Candidate(bbox=masks.bbox(rle), area=float(area), rle=rle, scores=scores, source="sam-auto")
-
-
-def fast_points_per_batch(model: Sam, bf16: bool, n_points: int) -> int:
-    """Point prompts per decoder call that fit in about half the free GPU memory (256 on CPU)."""
-    if model.device.type != "cuda":
-        return min(FAST_POINTS_PER_BATCH_CPU, n_points)
-    free, _ = torch.cuda.mem_get_info(model.device)
-    per_point = _decoder_bytes_per_point(model, 2 if bf16 else 4)
-    fits = max(1, min(int(0.5 * free // per_point), FAST_POINTS_PER_BATCH_MAX))
-    calls = -(-n_points // fits)
-    return -(-n_points // calls)          # same number of calls, evenly sized
-
-
-def _decoder_bytes_per_point(model: Sam, item_size: int) -> int:
-    """Peak decoder memory per point prompt, erring high: embedding copies plus mask upscaling.
-
-    For SAM's decoder (256 channels, 64x64) this gives ~73 MB in float32; ~34 MB was measured.
-    """
-    channels = model.mask_decoder.transformer_dim
-    h, w = model.prompt_encoder.image_embedding_size
-    embedding = channels * h * w
-    upscaling = (channels // 4) * 4 * h * w + (channels // 8) * 16 * h * w
-    logits = 3 * 16 * h * w * 4          # three low-res masks, kept as float32
-    return 12 * embedding * item_size + 2 * upscaling * item_size + logits
 
 
 class SamBoxesSegmenter(_SamSegmenter):

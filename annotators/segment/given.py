@@ -16,8 +16,8 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from annotators import masks as rle
 from annotators.base import AnnotatorFailure, Candidate, SegmentInput, SegmentOutput, Segmenter
+from annotators.segment import masks as rle
 
 
 @dataclass

@@ -33,30 +33,28 @@ In-process models (``SharedModel``, opt-in per annotator with ``share_across_pro
 owner process builds the annotator and loads its model; the batch calls of every process run
 there, one at a time.
 
-Server records (``record_server`` ...): every managed server writes a small file naming its
-process group and the process tree that started it, so that the pipeline driver's
-``managed_server.stop_all()`` also stops servers started by its worker processes (even one whose
-worker was killed), and only those.
+Every managed server also leaves a record in ``RECORD_DIR`` (``annotators.serving.processes``),
+so that the pipeline driver can stop the servers its worker processes started.
+
+(A little over 400 lines: the generic handle and its two uses stay together, so that the
+ownership and take-over rules above are read in one place.)
 """
 from __future__ import annotations
 
 import atexit
 import functools
-import json
 import logging
 import os
-import signal
 import tempfile
 import threading
-import time
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from annotators.base import stable_hash
+from settings import stable_hash
 
 if TYPE_CHECKING:
-    from annotators.managed_server import ManagedServer, ServerSettings
+    from annotators.serving.managed_server import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +175,54 @@ def _forget_address_at_exit(shared: Any, address_file: Path) -> None:
     atexit.register(forget)
 
 
+def _count_in(users: dict[int, int], pid: int) -> None:
+    """One more handle of process ``pid`` uses the object."""
+    users[pid] = users.get(pid, 0) + 1
+
+
+def _count_out(users: dict[int, int], pid: int) -> bool:
+    """One handle of process ``pid`` less; True when nobody uses the object any more."""
+    left = users.get(pid, 0) - 1
+    if left > 0:
+        users[pid] = left
+    else:
+        users.pop(pid, None)
+    return not users
+
+
+class _UserHandle:
+    """This process as a counted user of a machine-wide object: counted in (``attach``) on
+    every (re)acquisition, counted out (``detach``) by ``close``."""
+
+    def __init__(self, constructor: Callable[[], Any], tag: str) -> None:
+        self.tag = tag
+        self._attached = False
+        self._shared = MachineShared(constructor, tag, on_acquire=self._attach)
+
+    def _attach(self, obj: Any) -> None:
+        self._attached_as(obj.attach(os.getpid()))
+        self._attached = True
+
+    def _attached_as(self, answer: Any) -> None:
+        """What ``attach`` answered (e.g. the server's URL)."""
+
+    def open(self) -> Any:
+        """Attach, building the object (here or in its owner) if needed."""
+        self._shared.acquire()
+        return self
+
+    def close(self) -> None:
+        """Count this user out (the last one stops or unloads the object) and drop the
+        reference."""
+        if self._attached:
+            self._attached = False
+            try:
+                self._shared.acquire().detach(os.getpid())
+            except _OWNER_LOST:
+                pass   # the owner ended, and its object with it
+        self._shared.release()
+
+
 # --------------------------------------------------------------------------- managed servers
 
 _HOSTED: "weakref.WeakSet[SharedServer]" = weakref.WeakSet()
@@ -186,7 +232,7 @@ class SharedServer:
     """The machine's managed server; lives in its owner process (see the module docstring)."""
 
     def __init__(self, settings: "ServerSettings") -> None:
-        from annotators.managed_server import ManagedServer
+        from annotators.serving.managed_server import ManagedServer
 
         self.server: ManagedServer = ManagedServer(settings)
         self.users: dict[int, int] = {}            # process id -> attached handles
@@ -197,18 +243,13 @@ class SharedServer:
         """Count a user in, start the server if it is not running; returns its base URL."""
         with self._lock:
             self.server.ensure_running()
-            self.users[pid] = self.users.get(pid, 0) + 1
+            _count_in(self.users, pid)
             return self.server.base_url
 
     def detach(self, pid: int) -> int:
         """Count a user out; the last one stops the server. Returns the users left."""
         with self._lock:
-            left = self.users.get(pid, 0) - 1
-            if left > 0:
-                self.users[pid] = left
-            else:
-                self.users.pop(pid, None)
-            if not self.users:
+            if _count_out(self.users, pid):
                 self.server.stop()
             return sum(self.users.values())
 
@@ -248,7 +289,7 @@ def server_identity(settings: "ServerSettings") -> dict[str, Any]:
             "host": settings.host, "api_path": settings.api_path, "cwd": settings.cwd}
 
 
-class SharedServerHandle:
+class SharedServerHandle(_UserHandle):
     """One process's use of the machine's shared managed server.
 
     Quacks like the parts of ``ManagedServer`` a captioner uses (``base_url``, ``pid``,
@@ -257,23 +298,15 @@ class SharedServerHandle:
 
     def __init__(self, settings: "ServerSettings") -> None:
         self.settings = settings
-        self.tag = tag("managed-server", server_identity(settings))
         self.base_url = ""
-        self._attached = False
-        self._shared = MachineShared(functools.partial(_new_shared_server, settings), self.tag,
-                                     on_acquire=self._attach)
+        super().__init__(functools.partial(_new_shared_server, settings),
+                         tag("managed-server", server_identity(settings)))
 
     def __repr__(self) -> str:
         return f"SharedServerHandle({self.tag}, {self.base_url or 'not started'})"
 
-    def _attach(self, obj: Any) -> None:
-        self.base_url = obj.attach(os.getpid())
-        self._attached = True
-
-    def open(self) -> "SharedServerHandle":
-        """Attach to the machine's server, starting it (here or in its owner) if needed."""
-        self._shared.acquire()
-        return self
+    def _attached_as(self, answer: Any) -> None:
+        self.base_url = answer
 
     def ensure_running(self) -> str:
         """Restart the server if it died; take it over if its owner process ended. Its URL
@@ -308,16 +341,6 @@ class SharedServerHandle:
         """Stop the shared server now, for every process using it."""
         self._shared.call("stop")
 
-    def close(self) -> None:
-        """Count this user out (the last one stops the server) and drop the reference."""
-        if self._attached:
-            self._attached = False
-            try:
-                self._shared.acquire().detach(os.getpid())
-            except _OWNER_LOST:
-                pass   # the owner ended, and its server with it
-        self._shared.release()
-
 
 # --------------------------------------------------------------------------- in-process models
 
@@ -345,17 +368,12 @@ class _ModelHost:
         """Count a user in; load the model if it is not loaded."""
         with self._lock:
             self._loaded()
-            self.users[pid] = self.users.get(pid, 0) + 1
+            _count_in(self.users, pid)
 
     def detach(self, pid: int) -> None:
         """Count a user out; the last one unloads the model."""
         with self._lock:
-            left = self.users.get(pid, 0) - 1
-            if left > 0:
-                self.users[pid] = left
-            else:
-                self.users.pop(pid, None)
-            if not self.users and self.annotator is not None:
+            if _count_out(self.users, pid) and self.annotator is not None:
                 annotator, self.annotator = self.annotator, None
                 annotator.teardown()
 
@@ -369,7 +387,7 @@ class _ModelHost:
                 "loaded": self.annotator is not None}
 
 
-class SharedModel:
+class SharedModel(_UserHandle):
     """One process's use of the machine's one copy of an annotator and its model.
 
     The owner process builds the annotator from the same settings (with sharing off) and loads
@@ -383,23 +401,12 @@ class SharedModel:
 
         cls = type(annotator)
         settings = {**dataclasses.asdict(annotator.settings), "share_across_processes": False}
-        self.tag = tag("model", {"class": f"{cls.__module__}.{cls.__qualname__}",
-                                 "settings": settings})
-        self._attached = False
-        self._shared = MachineShared(functools.partial(_ModelHost, cls, settings, where),
-                                     self.tag, on_acquire=self._attach)
+        identity = {"class": f"{cls.__module__}.{cls.__qualname__}", "settings": settings}
+        super().__init__(functools.partial(_ModelHost, cls, settings, where),
+                         tag("model", identity))
 
     def __repr__(self) -> str:
         return f"SharedModel({self.tag})"
-
-    def _attach(self, obj: Any) -> None:
-        obj.attach(os.getpid())
-        self._attached = True
-
-    def open(self) -> "SharedModel":
-        """Attach, loading the model (here or in its owner) if needed."""
-        self._shared.acquire()
-        return self
 
     def call(self, method: str, *args: Any) -> Any:
         """``method(*args)`` of the owner's annotator (e.g. ``segment_batch``)."""
@@ -409,135 +416,7 @@ class SharedModel:
         """owner (process id), users, loads (how often the owner loaded the model), loaded."""
         return self._shared.call("status")
 
-    def close(self) -> None:
-        """Count this user out (the last one unloads the model) and drop the reference."""
-        if self._attached:
-            self._attached = False
-            try:
-                self._shared.acquire().detach(os.getpid())
-            except _OWNER_LOST:
-                pass
-        self._shared.release()
 
 
-# --------------------------------------------------------------------------- server records
-
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state is [0], ppid [1], pgrp [2],
-    session [3], starttime [19]); None if there is no such process or it is a zombie."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()
-    return None if fields[0] in ("Z", "X") else fields
-
-
-def _start_time(pid: int) -> str | None:
-    fields = _stat(pid)
-    return fields[19] if fields else None
-
-
-def _ancestors(pid: int) -> list[int]:
-    """Parent, grandparent, ... of ``pid`` (up to init)."""
-    out: list[int] = []
-    fields = _stat(pid)
-    while fields is not None and len(out) < 64:
-        parent = int(fields[1])
-        if parent <= 1:
-            break
-        out.append(parent)
-        fields = _stat(parent)
-    return out
-
-
-def _group_alive(pgid: int) -> bool:
-    """True while a live (non-zombie) process of process group ``pgid`` exists."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat(int(entry.name))
-            if fields is not None and int(fields[2]) == pgid:
-                return True
-    return False
-
-
-def record_server(server: "ManagedServer") -> None:
-    """Note a just-started server (its process group leads the group) and who started it."""
-    pid = server.pid
-    if pid is None:
-        return
-    record = {"pid": pid, "start": _start_time(pid), "owner": os.getpid(),
-              "ancestors": _ancestors(os.getpid()), "grace_s": server.settings.stop_grace_s,
-              "command": server.argv()[:3], "log": server.log_path}
-    try:
-        RECORD_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = RECORD_DIR / f".{pid}.json.tmp"
-        tmp.write_text(json.dumps(record))
-        tmp.rename(RECORD_DIR / f"{pid}.json")
-    except OSError as exc:   # a record only helps a driver stop leftovers; never fail a start
-        log.warning("could not record managed server %s: %s", pid, exc)
-
-
-def forget_server(pid: int | None) -> None:
-    """Drop the record of a stopped server."""
-    if pid is not None:
-        try:
-            (RECORD_DIR / f"{pid}.json").unlink()
-        except OSError:
-            pass
-
-
-def stop_started_below(root: int | None = None) -> list[int]:
-    """Stop every recorded server started by ``root`` (default: this process) or by a process
-    below it (its workers), whatever process owns it now; drop stale records of servers that are
-    gone. Returns the process groups signalled.
-
-    Safe against process id reuse: a group whose leader runs but is not the recorded process
-    is left alone (Linux does not reuse a process id while its process group still exists).
-    """
-    root = os.getpid() if root is None else root
-    stopped: list[int] = []
-    try:
-        files = list(RECORD_DIR.glob("*.json"))
-    except OSError:
-        return stopped
-    for path in files:
-        try:
-            record = json.loads(path.read_text())
-            pid = int(record["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        started = _start_time(pid)
-        if started is not None and started != record.get("start"):
-            forget_server(pid)          # the leader is gone and its id reused: nothing of ours
-            continue
-        ours = root == record.get("owner") or root in record.get("ancestors", [])
-        if not _group_alive(pid):
-            forget_server(pid)          # stale: the server is gone
-            continue
-        if not ours:
-            continue
-        log.warning("stopping managed server %s left by process %s", pid, record.get("owner"))
-        _stop_group(pid, float(record.get("grace_s", 15.0)))
-        stopped.append(pid)
-        forget_server(pid)
-    return stopped
-
-
-def _stop_group(pgid: int, grace_s: float) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
-        while _group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not _group_alive(pgid):
-            return
-
-
-__all__ = ["MachineShared", "SHARE_DIR", "SharedModel", "SharedServer", "SharedServerHandle",
-           "forget_server", "record_server", "reset_hosted", "server_identity",
-           "stop_started_below", "tag"]
+__all__ = ["MachineShared", "RECORD_DIR", "SHARE_DIR", "SharedModel", "SharedServer",
+           "SharedServerHandle", "reset_hosted", "server_identity", "tag"]

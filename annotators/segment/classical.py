@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from annotators import masks as rle
-from annotators.base import (AnnotatorFailure, Candidate, SegmentInput, SegmentOutput, Segmenter,
-                             require)
+from annotators.base import AnnotatorFailure, Candidate, SegmentInput, SegmentOutput, Segmenter
+from annotators.segment import masks as rle
+from settings import require
 
 
 @dataclass

@@ -7,33 +7,30 @@ the pipeline's output.
 
 The server must never outlive the pipeline:
 
-* Linux parent-death signal: the child gets SIGTERM when the thread that started it ends. That
-  thread is a module-level spawn thread that lives as long as the interpreter (Beam runs
-  ``DoFn.setup`` in pool threads that may end earlier, which would kill the server too soon).
+* Linux parent-death signal (``processes.dying_with_parent``): the child gets SIGTERM when the
+  thread that started it ends. That thread is a module-level spawn thread that lives as long as
+  the interpreter (Beam runs ``DoFn.setup`` in pool threads that may end earlier, which would
+  kill the server too soon).
 * A module-level registry and an ``atexit`` hook stop every server still running; the pipeline
   driver also calls ``stop_all()`` in a ``finally``. Every server also leaves a record (see
-  ``annotators.shared``), so the driver's ``stop_all()`` stops servers started by its worker
-  processes too, and only those.
+  ``annotators.serving.processes``), so the driver's ``stop_all()`` stops servers started by its
+  worker processes too, and only those.
 
 ``acquire``/``release`` share one server among everyone on the machine that asks for the same
 server (command, environment, port): the DoFn instances of a process and the SDK processes of a
 machine (Dataflow: one per vCPU; ``--workers N`` locally). The first process to ask owns the
 server; the others reach it through ``apache_beam.utils.multi_process_shared`` and keep their own
-HTTP clients pointed at its URL (``annotators.shared``). ``share_across_processes: false`` keeps
-one server per process.
+HTTP clients pointed at its URL (``annotators.serving.shared``). ``share_across_processes:
+false`` keeps one server per process.
 """
 from __future__ import annotations
 
 import atexit
 import concurrent.futures
-import errno
 import logging
 import os
-import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -43,12 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar, Mapping
 
-from annotators import shared
-from annotators.base import parse_settings, require, stable_hash
+from annotators.serving import processes, shared
+from settings import parse_settings, require, stable_hash
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 
 class ServerError(RuntimeError):
@@ -76,7 +71,7 @@ class ServerSettings:
     cwd: str | None = None
     log_path: str = ""                    # server stdout+stderr; "" -> a file in the temp dir
     # One server per machine for all SDK processes asking for the same command/env/port
-    # (annotators.shared); false: one per process.
+    # (annotators.serving.shared); false: one per process.
     share_across_processes: bool = True
 
     # Lifecycle, address and logs. ``command`` stays hashed: it names the weights and the serving
@@ -107,36 +102,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-# Runs first in the child: asks Linux to SIGTERM it when the thread that started it ends, then
-# becomes the server (exec keeps that setting). Not a ``preexec_fn``: that makes Python fork()
-# instead of vfork(), and in a Beam SDK worker gRPC's at-fork handlers then restart threads in the
-# child that can abort it ("epoll_wait error: Bad file descriptor") before the server runs.
-_DIE_WITH_PARENT = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL(None, use_errno=True)"
-    f".prctl({_PR_SET_PDEATHSIG}, int(signal.SIGTERM), 0, 0, 0)\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    sys.exit('managed server: the pipeline process ended before the server started')\n"
-    "os.execv(sys.argv[2], sys.argv[3:])\n"
-)
-
-
-def _dying_with_parent(argv: list[str], env: Mapping[str, str], cwd: str | None) -> list[str]:
-    """``argv`` started through ``_DIE_WITH_PARENT`` (Linux); OSError if its program cannot run.
-    The program is looked up as execvp would (PATH of ``env``; a relative path from ``cwd``)."""
-    if not sys.platform.startswith("linux"):
-        return argv
-    program = argv[0]
-    if os.sep in program:
-        program = os.path.join(cwd or os.getcwd(), program)
-        found = program if os.path.isfile(program) and os.access(program, os.X_OK) else None
-    else:
-        found = shutil.which(program, path=env.get("PATH", os.defpath))
-    if found is None:
-        raise FileNotFoundError(errno.ENOENT, "no such executable file", argv[0])
-    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), found, *argv]
 
 
 # One long-lived thread starts every server (see the module docstring on PDEATHSIG).
@@ -214,7 +179,7 @@ class ManagedServer:
             log.warning("managed server died (exit code %s); restart %d of %d", code,
                         self.restarts, self.settings.max_restarts)
             self._close_log()
-            shared.forget_server(self.process.pid)
+            processes.forget_server(self.process.pid)
             self.process = None
             self.start()
 
@@ -223,8 +188,8 @@ class ManagedServer:
         with self._lock:
             process, self.process = self.process, None
             if process is not None:
-                _terminate_group(process, self.settings.stop_grace_s)
-                shared.forget_server(process.pid)
+                processes.terminate_group(process, self.settings.stop_grace_s)
+                processes.forget_server(process.pid)
                 log.info("managed server (pid %s) stopped", process.pid)
             self._close_log()
             _unregister(self)
@@ -249,9 +214,10 @@ class ManagedServer:
         log.info("starting managed server: %s (log %s)", " ".join(argv), self.log_path)
 
         def spawn() -> subprocess.Popen[bytes]:
-            return subprocess.Popen(_dying_with_parent(argv, env, s.cwd), stdin=subprocess.DEVNULL,
-                                    stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                    cwd=s.cwd, start_new_session=True)
+            return subprocess.Popen(processes.dying_with_parent(argv, env, s.cwd),
+                                    stdin=subprocess.DEVNULL, stdout=self._log,
+                                    stderr=subprocess.STDOUT, env=env, cwd=s.cwd,
+                                    start_new_session=True)
 
         try:
             self.process = _SPAWNER.submit(spawn).result()
@@ -259,7 +225,7 @@ class ManagedServer:
             self._close_log()
             raise ServerError(f"server.command: cannot run {argv[0]!r}: {exc}; check the "
                               f"command and its working directory") from exc
-        shared.record_server(self)
+        processes.record_server(self)
 
     def _wait_ready(self) -> None:
         s = self.settings
@@ -304,29 +270,6 @@ class ManagedServer:
             self._log = None
 
 
-def _terminate_group(process: subprocess.Popen[bytes], grace_s: float) -> None:
-    """SIGTERM the process group of ``process``, SIGKILL it after ``grace_s``, reap the leader."""
-    pgid = process.pid   # start_new_session: the leader's pid is the group id
-    _signal_group(pgid, signal.SIGTERM)
-    try:
-        process.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        log.warning("managed server (pid %s) ignored SIGTERM for %.0f s; killing it",
-                    process.pid, grace_s)
-    _signal_group(pgid, signal.SIGKILL)   # children that outlived the leader go too
-    try:
-        process.wait(5)
-    except subprocess.TimeoutExpired:
-        log.error("managed server (pid %s) did not die after SIGKILL", process.pid)
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 # --------------------------------------------------------------------------- registry
 
 _RUNNING: dict[int, ManagedServer] = {}
@@ -363,7 +306,7 @@ def stop_all() -> None:
             log.exception("stopping %r failed", server)
     shared.reset_hosted()
     try:
-        shared.stop_started_below()
+        processes.stop_started_below()
     except Exception:
         log.exception("stopping managed servers of worker processes failed")
 

@@ -1,34 +1,31 @@
-"""`transformers`: the `vllm` captioner's caption programs, generated in-process with Hugging Face
-transformers instead of against a vLLM server.
+"""`transformers`: caption programs generated in-process with Hugging Face transformers, for
+small runs (tests, a laptop, one GPU without a server).
 
-For small runs (tests, a laptop, one GPU without a server): the captioner is ``VllmCaptioner``
-with its chat clients replaced by ``LocalChatClient``, which has the same surface (``request``,
-``encode_image``, ``run_many``, ``setup``, ``teardown``, ``provenance``) but loads
-``AutoProcessor`` + ``AutoModelForImageTextToText`` once and generates in batches.
+``LocalChatClient`` is the backend: it loads ``AutoProcessor`` + ``AutoModelForImageTextToText``
+once and answers ``generate(requests)`` in chunks of ``batch_size`` (left padding; greedy at
+temperature 0, else sampled with a seed). Images are handed to the processor decoded (RGB PIL
+images, each decoded once per call; no data URLs), fit to ``image_max_pixels`` exactly as the
+HTTP backend would send them (``backends.images.decode_image``). There is no grammar-constrained decoding: for a request with a
+``json_schema`` the schema is added to the prompt and the answer is parsed and validated
+afterwards, failing with ``bad_json`` when it does not match. Every answer goes through the same
+checks as the HTTP backend (``check_answer``: empty, refusal, repetition, truncated, bad_json;
+``allow_truncated`` honoured). ``TransformersCaptioner`` runs programs on it
+(``annotators.caption.engine``), one client per client name.
 
-How a request becomes a generation: the OpenAI-style messages built by ``build_messages`` are
-turned back into the processor's format (``image_url`` parts become ``{"type": "image"}`` parts,
-their data URLs decoded to PIL images), rendered with the processor's chat template and
-generated in chunks of ``batch_size`` (left padding; greedy at temperature 0, else sampled with
-a seed). There is no grammar-constrained decoding: for a step with a ``json_schema`` the schema
-is added to the prompt and the answer is parsed and validated afterwards, failing with
-``bad_json`` when it does not match. Every answer goes through the same checks as the vLLM path
-(``check_answer``: empty, refusal, repetition, truncated, bad_json; ``allow_truncated``
-honoured).
+Longer than most modules (about 500 lines) on purpose: the settings, the backend and the
+captioner that names it in configs live together, so that another in-process backend (e.g.
+vLLM's ``LLM``) is one file to copy and one registry line.
 
 Nothing is downloaded unless ``allow_download`` is true: ``model`` is a local folder (or a name
 already in the local Hugging Face cache).
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import importlib.metadata
 import importlib.util
-import io
 import json
 import logging
-import re
 import threading
 import time
 from collections import Counter
@@ -36,28 +33,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence
 
-from annotators.base import (
-    AnnotatorFailure,
-    CaptionInput,
-    CaptionResult,
-    ConfigError,
-    hashed_fields,
-    parse_settings,
-    require,
-)
-from annotators.shared import SharedModel
-from annotators.vllm import DEFAULT_CLIENT, VllmCaptioner, load_program, program_hash_view
-from annotators.vllm_client import (
-    ANSWER_REASONS,
-    AnswerChecks,
+from annotators.base import AnnotatorFailure, CaptionInput, CaptionResult
+from annotators.caption.backends.base import (
+    Backend,
     ChatAnswer,
-    ChatRequest,
     ChatResult,
+    GenerationRequest,
     ImageLike,
-    build_messages,
-    check_answer,
-    encode_image,
+    prepare_images,
 )
+from annotators.caption.backends.checks import ANSWER_REASONS, AnswerChecks, check_answer
+from annotators.caption.backends.images import decode_image
+from annotators.caption.engine import ProgramCaptioner
+from annotators.caption.program import (
+    DEFAULT_CLIENT,
+    load_program,
+    program_hash_view,
+    require_clients,
+)
+from annotators.devices import device_name, dtype_name, valid_device
+from annotators.serving.shared import SharedModel
+from settings import ConfigError, hashed_fields, parse_settings, require
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +66,6 @@ CLIENT_VERSION = "1"
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 SCHEMA_INSTRUCTION = ("Answer with one JSON value and nothing else. It must match this JSON "
                       "Schema: {schema}")
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 _PATH_LIKE = ("/", "./", "../", "~")
 
 
@@ -116,7 +111,7 @@ class LocalClientSettings:
             require(Path(self.model).expanduser().is_dir(), "model",
                     f"{self.model!r} is not a folder; give a folder with a saved model and "
                     f"processor (save_pretrained)")
-        require(_DEVICE.fullmatch(self.device) is not None, "device",
+        require(valid_device(self.device, ("mps",)), "device",
                 f"{self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
         require(self.batch_size >= 1, "batch_size", "must be at least 1")
         require(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
@@ -130,7 +125,7 @@ class LocalClientSettings:
         require(not unknown, "retry_answer_reasons",
                 f"unknown reason(s) {unknown}; use some of {list(ANSWER_REASONS)}")
 
-    def token_limit(self, request: ChatRequest) -> int:
+    def token_limit(self, request: GenerationRequest) -> int:
         """New tokens allowed for ``request``: its own limit or the default, within the cap."""
         limit = request.max_tokens or self.max_new_tokens
         return min(limit, self.max_new_tokens_cap) if self.max_new_tokens_cap else limit
@@ -149,7 +144,8 @@ class TransformersSettings(LocalClientSettings):
 
     program: str = "umg"
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # One loaded model per machine for all SDK processes (annotators.shared); worth it on a GPU.
+    # One loaded model per machine for all SDK processes (annotators.serving.shared); worth
+    # it on a GPU.
     share_across_processes: bool = False
 
     RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"share_across_processes"})
@@ -169,10 +165,7 @@ class TransformersSettings(LocalClientSettings):
     def check(self) -> None:
         """Check the client settings, load the program and validate every named client."""
         super().check()
-        program = load_program(self.program)
-        missing = sorted(program.clients() - {DEFAULT_CLIENT} - set(self.clients))
-        require(not missing, "clients", f"the program's steps use client(s) {missing}; add them "
-                "under 'clients' (each a mapping of client settings)")
+        require_clients(load_program(self.program), self.clients)
         for name in self.clients:
             parse_settings(LocalClientSettings, self.client_values(name), f"clients.{name}")
 
@@ -187,74 +180,21 @@ class TransformersSettings(LocalClientSettings):
 # --------------------------------------------------------------------------- messages
 
 
-def decode_data_url(url: str) -> Image.Image:
-    """The RGB PIL image of a ``data:image/...;base64,`` URL (no network: other URLs fail)."""
-    from PIL import Image
-
-    if not url.startswith("data:") or ";base64," not in url:
-        raise ValueError(f"only base64 data URLs can be used in-process, got {url[:40]!r}")
-    raw = base64.b64decode(url.split(";base64,", 1)[1])
-    return Image.open(io.BytesIO(raw)).convert("RGB")
-
-
-def processor_messages(messages: Sequence[Mapping[str, Any]],
-                       json_schema: Mapping[str, Any] | None = None,
-                       ) -> tuple[list[dict[str, Any]], list[Image.Image]]:
-    """OpenAI-style messages as a processor's chat template expects them, and their images.
-
-    Every content becomes a list of parts; ``image_url`` parts become ``{"type": "image"}`` and
-    their images are returned in order. With ``json_schema`` the schema is appended to the last
-    user message as an instruction.
-    """
+def processor_messages(request: GenerationRequest, images: Sequence[Any]) -> list[dict[str, Any]]:
+    """The messages of ``request`` as a processor's chat template expects them: the system
+    prompt, then one user message with an image part per image and the text. With a
+    ``json_schema`` the schema is appended to the user message as an instruction."""
     out: list[dict[str, Any]] = []
-    images: list[Image.Image] = []
-    for message in messages:
-        content = message.get("content") or []
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else []
-        for part in [] if isinstance(content, str) else content:
-            if part.get("type") == "text":
-                parts.append({"type": "text", "text": part.get("text", "")})
-            elif part.get("type") == "image_url":
-                images.append(decode_data_url((part.get("image_url") or {}).get("url", "")))
-                parts.append({"type": "image"})
-            else:
-                raise ValueError(f"unsupported message part type {part.get('type')!r}")
-        out.append({"role": message["role"], "content": parts})
-    if json_schema is not None:
-        _add_schema_instruction(out, json_schema)
-    return out, images
-
-
-def _add_schema_instruction(messages: list[dict[str, Any]], schema: Mapping[str, Any]) -> None:
-    text = SCHEMA_INSTRUCTION.format(schema=json.dumps(schema, separators=(",", ":")))
-    users = [m for m in messages if m["role"] == "user"]
-    if users:
-        users[-1]["content"].append({"type": "text", "text": "\n" + text})
-    else:
-        messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
-
-
-# --------------------------------------------------------------------------- devices, dtypes
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` as cuda when a GPU is visible, else cpu; other values unchanged."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """``auto`` as bfloat16 on a GPU that supports it, else float32; other values unchanged."""
-    if dtype != "auto":
-        return dtype
-    if device.startswith("cuda"):
-        import torch
-
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
+    if request.system:
+        out.append({"role": "system", "content": [{"type": "text", "text": request.system}]})
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+    if request.text:
+        content.append({"type": "text", "text": request.text})
+    if request.json_schema is not None:
+        schema = json.dumps(request.json_schema, separators=(",", ":"))
+        content.append({"type": "text", "text": "\n" + SCHEMA_INSTRUCTION.format(schema=schema)})
+    out.append({"role": "user", "content": content})
+    return out
 
 
 def transformers_version() -> str:
@@ -279,12 +219,13 @@ class _Prepared:
     temperature: float
 
 
-class LocalChatClient:
-    """In-process chat client with VllmChatClient's surface, generating with transformers.
+class LocalChatClient(Backend):
+    """The in-process backend: one transformers model answering generation requests.
 
-    ``run_many(requests)`` never raises: each result is a ChatAnswer or an AnnotatorFailure
-    (answer-check reasons as the vLLM client; ``client_error`` when a request cannot be prepared
-    or its chunk cannot be generated). Calls are serialised (one generation at a time).
+    ``generate(requests)`` never raises: each result is a ChatAnswer or an AnnotatorFailure
+    (answer-check reasons as the HTTP backend; ``prompt_error`` when an image cannot be read,
+    ``client_error`` when a prompt cannot be built or its chunk cannot be generated). Calls are
+    serialised (one generation at a time).
     """
 
     def __init__(self, settings: LocalClientSettings | Mapping[str, Any],
@@ -296,8 +237,8 @@ class LocalChatClient:
         self.checks = dataclasses.replace(AnswerChecks(), allow_truncated=settings.allow_truncated)
         self.metrics: dict[str, Any] = {"requests": 0, "answers": 0, "retries": 0, "chunks": 0,
                                         "failures": Counter(), "retry_reasons": Counter()}
-        self.device = resolve_device(settings.device)
-        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.device = device_name(settings.device)
+        self.dtype = dtype_name(settings.dtype, self.device)
         self.model: Any = None
         self.processor: Any = None
         self._eos: set[int] = set()
@@ -360,7 +301,7 @@ class LocalChatClient:
         return set(ids) | ({eos} if eos is not None else set())
 
     def teardown(self) -> None:
-        """Drop the model and processor (and the GPU cache); ``run_many`` afterwards reloads."""
+        """Drop the model and processor (and the GPU cache); ``generate`` afterwards reloads."""
         with self._lock:
             on_gpu = self.model is not None and self.device.startswith("cuda")
             self.model = self.processor = None
@@ -371,65 +312,57 @@ class LocalChatClient:
 
     # ------------------------------------------------------------ requests
 
-    def request(self, *, system: str | None = None, shared_text: str = "",
-                shared_images: Sequence[ImageLike] = (), region_images: Sequence[ImageLike] = (),
-                text: str = "", json_schema: dict[str, Any] | None = None,
-                schema_name: str = "answer", region_id: str | None = None) -> ChatRequest:
-        """A ChatRequest built with ``build_messages`` under this client's image settings."""
+    def picture(self, image: ImageLike) -> Image.Image:
+        """``image`` as the model gets it: RGB pixels fit to this client's image settings."""
         s = self.settings
-        messages = build_messages(system=system, shared_text=shared_text,
-                                  shared_images=shared_images, region_images=region_images,
-                                  text=text, max_pixels=s.image_max_pixels,
-                                  image_format=s.image_format, jpeg_quality=s.jpeg_quality)
-        return ChatRequest(messages, json_schema=json_schema, schema_name=schema_name,
-                           region_id=region_id)
+        return decode_image(image, s.image_max_pixels, s.image_format, s.jpeg_quality)
 
-    def encode_image(self, image: ImageLike) -> str:
-        """``encode_image`` with this client's settings."""
-        s = self.settings
-        return encode_image(image, s.image_max_pixels, s.image_format, s.jpeg_quality)
-
-    def run_many(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[ChatResult]:
         """Answer ``requests`` in batches of ``batch_size``; results in input order.
 
-        Answers failing a check listed in ``retry_answer_reasons`` are asked again (sampled at
-        ``answer_retry_temperature``) up to ``answer_retries`` times.
+        Each image is decoded once per call. Answers failing a check listed in
+        ``retry_answer_reasons`` are asked again (sampled at ``answer_retry_temperature``) up to
+        ``answer_retries`` times.
         """
         if not requests:
             return []
         self.setup()
-        requests = list(requests)
+        prepared = prepare_images(requests, self.picture)
+        live = {i: images for i, images in enumerate(prepared)
+                if not isinstance(images, AnnotatorFailure)}
+        results: dict[int, ChatResult] = {i: failure for i, failure in enumerate(prepared)
+                                          if isinstance(failure, AnnotatorFailure)}
         with self._lock:
-            self.metrics["requests"] += len(requests)
-            results = self._attempt(requests, list(range(len(requests))), 0)
+            self.metrics["requests"] += len(live)
+            answers = self._attempt(requests, live, sorted(live), 0)
             for retry in range(1, self.settings.answer_retries + 1):
-                again = sorted(i for i, r in results.items() if self._retryable(r))
+                again = sorted(i for i, r in answers.items() if self._retryable(r))
                 if not again:
                     break
                 for i in again:
-                    self.metrics["retry_reasons"][results[i].reason] += 1
+                    self.metrics["retry_reasons"][answers[i].reason] += 1
                 self.metrics["retries"] += len(again)
-                results.update(self._attempt(requests, again, retry))
-        out = [results[i] for i in range(len(requests))]
-        for result in out:
+                answers.update(self._attempt(requests, live, again, retry))
+        for result in answers.values():
             if isinstance(result, AnnotatorFailure):
                 self.metrics["failures"][result.reason] += 1
             else:
                 self.metrics["answers"] += 1
-        return out
+        results.update(answers)
+        return [results[i] for i in range(len(requests))]
 
     def _retryable(self, result: ChatResult) -> bool:
         """True when ``result`` failed a check worth asking again for."""
         return isinstance(result, AnnotatorFailure) and \
             result.reason in self.settings.retry_answer_reasons
 
-    def _attempt(self, requests: list[ChatRequest], indices: list[int],
-                 retry: int) -> dict[int, ChatResult]:
+    def _attempt(self, requests: Sequence[GenerationRequest], images: Mapping[int, list[Any]],
+                 indices: list[int], retry: int) -> dict[int, ChatResult]:
         """One try of ``requests[i]`` for each i in ``indices``, chunked by token limit."""
         results: dict[int, ChatResult] = {}
         prepared: list[_Prepared] = []
         for i in indices:
-            item = self._prepare(i, requests[i], retry)
+            item = self._prepare(i, requests[i], images[i], retry)
             if isinstance(item, AnnotatorFailure):
                 results[i] = item
             else:
@@ -447,7 +380,7 @@ class LocalChatClient:
         return [group[k:k + size] for group in groups.values()
                 for k in range(0, len(group), size)]
 
-    def _prepare(self, index: int, request: ChatRequest,
+    def _prepare(self, index: int, request: GenerationRequest, images: list[Any],
                  retry: int) -> _Prepared | AnnotatorFailure:
         """The prompt, images, token limit and temperature of one try of ``request``."""
         s = self.settings
@@ -455,7 +388,7 @@ class LocalChatClient:
         if retry and s.answer_retry_temperature is not None:
             temperature = s.answer_retry_temperature
         try:
-            messages, images = processor_messages(request.messages, request.json_schema)
+            messages = processor_messages(request, images)
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True,
                                                         tokenize=False)
         except Exception as exc:  # one bad request must not cost the batch
@@ -463,7 +396,7 @@ class LocalChatClient:
                                     f"{type(exc).__name__}: {exc}"[:500], request.region_id)
         return _Prepared(index, prompt, images, s.token_limit(request), float(temperature))
 
-    def _generate(self, chunk: list[_Prepared], requests: list[ChatRequest],
+    def _generate(self, chunk: list[_Prepared], requests: list[GenerationRequest],
                   retry: int) -> dict[int, ChatResult]:
         """Generate one chunk; a failure of the chunk fails each of its requests."""
         started = time.perf_counter()
@@ -501,7 +434,7 @@ class LocalChatClient:
         return inputs, output
 
     def _answer(self, tokens: list[int], item: _Prepared, prompt_tokens: int,
-                request: ChatRequest, latency: float) -> ChatResult:
+                request: GenerationRequest, latency: float) -> ChatResult:
         """Check one generated sequence; a ChatAnswer or the failure of the first check."""
         stop = next((k for k, t in enumerate(tokens) if t in self._eos), None)
         finish = "stop" if stop is not None or len(tokens) < item.limit else "length"
@@ -520,7 +453,7 @@ class LocalChatClient:
 # --------------------------------------------------------------------------- the captioner
 
 
-class TransformersCaptioner(VllmCaptioner):
+class TransformersCaptioner(ProgramCaptioner):
     """Runs a caption program with in-process transformers models (see the module docstring)."""
 
     name = "transformers"
@@ -543,15 +476,11 @@ class TransformersCaptioner(VllmCaptioner):
             if self.shared_model is None:
                 self.shared_model = SharedModel(self, self.where).open()
             return
-        for name in sorted({DEFAULT_CLIENT} | self.program.clients()):
-            if name not in self.clients:
-                where = self.where if name == DEFAULT_CLIENT else f"{self.where}.clients.{name}"
-                client = LocalChatClient(self.settings.client_values(name), where)
-                client.setup()
-                self.clients[name] = client
-        log.info("transformers captioner ready: program %s v%s (%s), clients %s",
-                 self.program.id, self.program.version, self.program.hash,
-                 list(self.clients.values()))
+        super().setup()
+
+    def new_client(self, name: str) -> LocalChatClient:
+        where = self.where if name == DEFAULT_CLIENT else f"{self.where}.clients.{name}"
+        return LocalChatClient(self.settings.client_values(name), where)
 
     def teardown(self) -> None:
         """Unload the models (or give back the machine's shared copy)."""
@@ -567,22 +496,18 @@ class TransformersCaptioner(VllmCaptioner):
             return self.shared_model.call("caption_batch", items)
         return super().caption_batch(items)
 
-    def _build_provenance(self) -> dict[str, Any]:
+    def build_provenance(self) -> dict[str, Any]:
         """Name, version, backend, model, transformers version, dtype, device, program, clients."""
-        p = self.program
-        specs = self._visual_prompt_provenance()
         clients = {}
-        for name in sorted({DEFAULT_CLIENT} | p.clients()):
+        for name in self.client_names():
             values = parse_settings(LocalClientSettings, self.settings.client_values(name), name)
-            device = resolve_device(values.device)
+            device = device_name(values.device)
             clients[name] = {**dataclasses.asdict(values), "device": device,
-                             "dtype": resolve_dtype(values.dtype, device)}
+                             "dtype": dtype_name(values.dtype, device)}
         default = clients[DEFAULT_CLIENT]
         return {"name": self.name, "version": self.version, "backend": BACKEND,
-                "model": self.settings.model, "models": sorted({c["model"] for c in
-                                                                clients.values()}),
+                "model": self.settings.model,
+                "models": sorted({c["model"] for c in clients.values()}),
                 "transformers_version": transformers_version(), "device": default["device"],
-                "dtype": default["dtype"], "prompt_id": f"{p.id}@{p.version}",
-                "prompt_hash": p.hash, "program": {"id": p.id, "version": p.version,
-                                                   "hash": p.hash},
-                "visual_prompts": specs, "clients": clients, "managed_server": False}
+                "dtype": default["dtype"], **self.program_provenance(), "clients": clients,
+                "managed_server": False}

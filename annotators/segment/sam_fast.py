@@ -42,6 +42,10 @@ from torchvision.ops.boxes import batched_nms
 
 logger = logging.getLogger(__name__)
 
+#: Decoder batch for the fast path when ``points_per_batch`` is not set.
+FAST_POINTS_PER_BATCH_CPU = 256
+FAST_POINTS_PER_BATCH_MAX = 4096
+
 #: Masks upscaled to the image size at once (bounds memory: chunk * H * W floats).
 UPSCALE_CHUNK = 64
 #: Masks run-length encoded at once (bounds memory: chunk * H * W bytes, twice).
@@ -122,6 +126,33 @@ def use_sdpa_attention(model: Sam) -> int:
             module.__class__ = SdpaAttention
             switched += 1
     return switched
+
+
+# --------------------------------------------------------------------------- decoder batch
+
+
+def fast_points_per_batch(model: Sam, bf16: bool, n_points: int) -> int:
+    """Point prompts per decoder call that fit in about half the free GPU memory (256 on CPU)."""
+    if model.device.type != "cuda":
+        return min(FAST_POINTS_PER_BATCH_CPU, n_points)
+    free, _ = torch.cuda.mem_get_info(model.device)
+    per_point = _decoder_bytes_per_point(model, 2 if bf16 else 4)
+    fits = max(1, min(int(0.5 * free // per_point), FAST_POINTS_PER_BATCH_MAX))
+    calls = -(-n_points // fits)
+    return -(-n_points // calls)          # same number of calls, evenly sized
+
+
+def _decoder_bytes_per_point(model: Sam, item_size: int) -> int:
+    """Peak decoder memory per point prompt, erring high: embedding copies plus mask upscaling.
+
+    For SAM's decoder (256 channels, 64x64) this gives ~73 MB in float32; ~34 MB was measured.
+    """
+    channels = model.mask_decoder.transformer_dim
+    h, w = model.prompt_encoder.image_embedding_size
+    embedding = channels * h * w
+    upscaling = (channels // 4) * 4 * h * w + (channels // 8) * 16 * h * w
+    logits = 3 * 16 * h * w * 4          # three low-res masks, kept as float32
+    return 12 * embedding * item_size + 2 * upscaling * item_size + logits
 
 
 # --------------------------------------------------------------------------- generator

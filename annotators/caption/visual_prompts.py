@@ -9,7 +9,8 @@ Each kind is a pure function ``kind(image, mask, bbox, **params) -> PIL.Image``:
 
 ``render`` looks a kind up in ``VISUAL_PROMPTS`` and validates its parameters (an unknown kind
 or parameter, or a bad value, raises ConfigError); ``spec_provenance`` says what was rendered,
-defaults included, for the record. ``to_png`` and ``fit_pixels`` prepare the result for a model.
+defaults included, for the record. ``to_png`` encodes the result (a model backend then fits
+it to its pixel budget: ``annotators.caption.backends.images``).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageColor, ImageFilter
 from scipy import ndimage
 
-from annotators.base import ConfigError
+from settings import ConfigError
 
 Color = tuple[int, int, int]
 Offset = tuple[int, int]
@@ -263,29 +264,7 @@ def to_png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def fit_pixels(img: Image.Image, max_pixels: int) -> Image.Image:
-    """``img`` downsized, keeping its aspect ratio, so that width * height <= ``max_pixels``.
-
-    Bounds what a model's processor receives; an image already within budget is returned as is.
-    """
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
-    width, height = img.size
-    if width * height <= max_pixels:
-        return img
-    return img.resize(_fit_size(width, height, max_pixels), Image.Resampling.LANCZOS)
-
-
 # --------------------------------------------------------------------------- internals
-
-
-def _fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
-    scale = math.sqrt(max_pixels / (width * height))
-    new_w = min(max(1, int(width * scale)), max_pixels)
-    new_h = min(max(1, int(height * scale)), max_pixels)
-    new_w = min(new_w, max_pixels // new_h)
-    new_h = min(new_h, max_pixels // new_w)
-    return new_w, new_h
 
 
 def _origin_bounds(kind: str, params: Mapping[str, Any], rgb: np.ndarray,

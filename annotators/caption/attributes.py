@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from annotators import masks as rle
-from annotators.base import (CaptionInput, CaptionResult, Captioner, RegionView, TextOut, require,
-                             stable_hash)
+from annotators.base import CaptionInput, CaptionResult, Captioner, RegionView, TextOut
+from annotators.segment import masks as rle
+from settings import require, stable_hash
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20), "dark grey": (70, 70, 70), "grey": (128, 128, 128),

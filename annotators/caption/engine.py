@@ -1,0 +1,269 @@
+"""The caption-program engine: runs a program (``annotators.caption.program``) over a batch of
+images on model backends (``annotators.caption.backends``), whatever the backend is.
+
+Execution: step k runs for every target (the image and each region) of every image in the batch
+in one ``generate`` call per client (hundreds of requests in flight on a server), the clients in
+parallel; then step k+1. A target whose step fails is dropped with the backend's failure reason
+(a region: that region only; the image: the whole image) and takes no part in later steps.
+
+``ProgramCaptioner`` is the base of the captioners that run programs (``vllm``,
+``transformers``): a subclass gives its settings (with ``program``) and ``new_client(name)``,
+the backend of each client name the program uses.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from annotators.base import (
+    AnnotatorFailure,
+    Captioner,
+    CaptionInput,
+    CaptionResult,
+    RegionView,
+    TextOut,
+)
+from annotators.caption.attributes import position_name, size_name
+from annotators.caption.backends.base import Backend, ChatResult, GenerationRequest
+from annotators.caption.program import (
+    DEFAULT_CLIENT,
+    WHOLE_IMAGE,
+    Program,
+    Step,
+    load_program,
+    resolved_visual_prompts,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Target:
+    """The image or one region of one item, with what its steps produced so far."""
+
+    item: int
+    id: str                       # "image" or the region id
+    level: str
+    region: RegionView | None
+    fields: dict[str, Any]
+    outputs: dict[str, Any] = field(default_factory=dict)
+    failure: AnnotatorFailure | None = None
+
+
+def target_fields(item: CaptionInput, region: RegionView | None) -> dict[str, Any]:
+    """Template fields of a target (see ``program.TARGET_FIELDS``)."""
+    width, height = item.width, item.height
+    bbox = region.bbox if region is not None else [0.0, 0.0, float(width), float(height)]
+    area = region.area if region is not None else float(width * height)
+    x, y, w, h = (float(v) for v in bbox)
+    frac = area / float(max(width * height, 1))
+    norm = [round(1000 * v / max(s, 1)) for v, s in ((x, width), (y, height), (x + w, width),
+                                                       (y + h, height))]
+    return {
+        "width": width, "height": height, "level": region.level if region else "image",
+        "bbox": f"[{round(x)}, {round(y)}, {round(w)}, {round(h)}]",
+        "bbox_xyxy": f"[{round(x)}, {round(y)}, {round(x + w)}, {round(y + h)}]",
+        "bbox_norm": "[" + ", ".join(str(v) for v in norm) + "]",
+        "area_pct": f"{100 * frac:.1f}", "size": size_name(frac),
+        "position": position_name(x + w / 2, y + h / 2, width, height) if region else "whole image",
+    }
+
+
+def clean_tags(value: Any) -> list[str]:
+    """Tags from a structured answer: lowercased, stripped, deduplicated, order kept."""
+    raw = value.get("tags", []) if isinstance(value, dict) else value
+    out: list[str] = []
+    for tag in raw if isinstance(raw, list) else []:
+        text = " ".join(str(tag).split()).strip().strip(".,;:").lower()
+        if text and text not in out:
+            out.append(text)
+    return out
+
+
+class ProgramCaptioner(Captioner):
+    """A captioner that runs a caption program, one backend per client name it uses.
+
+    ``clients`` maps client names to their backends once ``setup()`` has run. Provenance is
+    built once (``build_provenance``) and shared by every text this captioner writes.
+    """
+
+    def __init__(self, settings: Mapping[str, Any] | None = None, where: str = "") -> None:
+        super().__init__(settings, where)
+        self.program: Program = load_program(self.settings.program)
+        self.clients: dict[str, Backend] = {}
+        self._provenance: dict[str, Any] | None = None
+
+    def prompt_specs(self) -> dict[str, list[dict[str, Any]]]:
+        return {level: [dict(s) for s in specs]
+                for level, specs in self.program.visual_prompts.items()}
+
+    def client_names(self) -> list[str]:
+        """The default client and every client a step names, sorted."""
+        return sorted({DEFAULT_CLIENT} | self.program.clients())
+
+    @abstractmethod
+    def new_client(self, name: str) -> Backend:
+        """The backend of client ``name`` (not set up yet)."""
+
+    # ------------------------------------------------------------ lifecycle
+
+    def setup(self) -> None:
+        """One set-up backend per client name."""
+        for name in self.client_names():
+            if name not in self.clients:
+                client = self.new_client(name)
+                client.setup()
+                self.clients[name] = client
+        log.info("%s captioner ready: program %s v%s (%s), clients %s", self.name,
+                 self.program.id, self.program.version, self.program.hash,
+                 list(self.clients.values()))
+
+    def teardown(self) -> None:
+        """Close the backends."""
+        for client in self.clients.values():
+            client.teardown()
+        self.clients = {}
+
+    def provenance(self) -> dict[str, Any]:
+        """What wrote the texts (``build_provenance``), built once."""
+        if self._provenance is None:
+            self._provenance = self.build_provenance()
+        return self._provenance
+
+    @abstractmethod
+    def build_provenance(self) -> dict[str, Any]:
+        """Name, version, model(s), ``program_provenance()``, the clients' settings."""
+
+    def program_provenance(self) -> dict[str, Any]:
+        """The program's id, version, hash and resolved visual prompts, for provenance."""
+        p = self.program
+        return {"prompt_id": f"{p.id}@{p.version}", "prompt_hash": p.hash,
+                "program": {"id": p.id, "version": p.version, "hash": p.hash},
+                "visual_prompts": resolved_visual_prompts(p)}
+
+    # ------------------------------------------------------------ work
+
+    def caption_batch(self, items: list[CaptionInput]) -> list[CaptionResult]:
+        if not self.clients:
+            self.setup()
+        targets = self._targets(items)
+        depth = max(len(steps) for steps in self.program.steps.values())
+        for index in range(depth):
+            self._run_step(index, items, targets)
+        return [self._result(targets[i]) for i in range(len(items))]
+
+    def _targets(self, items: list[CaptionInput]) -> list[list[_Target]]:
+        out = []
+        for i, item in enumerate(items):
+            row = [_Target(i, WHOLE_IMAGE, "image", None, target_fields(item, None))]
+            row += [_Target(i, r.id, r.level, r, target_fields(item, r)) for r in item.regions]
+            out.append(row)
+        return out
+
+    def _run_step(self, index: int, items: list[CaptionInput],
+                  targets: list[list[_Target]]) -> None:
+        """Step ``index`` of every live target, one generate call per client, clients in
+        parallel."""
+        work: dict[str, list[tuple[_Target, Step, GenerationRequest]]] = {}
+        for row in targets:
+            if row[0].failure is not None:
+                continue          # the image failed: its regions are not worth asking about
+            for target in row:
+                steps = self.program.steps.get(target.level, ())
+                if target.failure is not None or index >= len(steps):
+                    continue
+                step = steps[index]
+                request = self._request(items[target.item], target, step)
+                if isinstance(request, AnnotatorFailure):
+                    target.failure = request
+                else:
+                    work.setdefault(step.client, []).append((target, step, request))
+        if not work:
+            return
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(work)) as pool:
+            futures = {name: pool.submit(self.clients[name].generate, [w[2] for w in jobs])
+                       for name, jobs in work.items()}
+            for name, jobs in work.items():
+                for (target, step, _), answer in zip(jobs, futures[name].result(), strict=True):
+                    self._apply(target, step, answer)
+
+    def _request(self, item: CaptionInput, target: _Target,
+                 step: Step) -> GenerationRequest | AnnotatorFailure:
+        region_id = None if target.region is None else target.id
+        try:
+            text = step.prompt.format(**target.fields, **self._texts(target.outputs))
+            images = [item.image if name == WHOLE_IMAGE else self._prompt_png(item, target, name)
+                      for name in step.images]
+        except (KeyError, IndexError, ValueError) as exc:
+            return AnnotatorFailure("prompt_error", f"step {step.name}: {type(exc).__name__}: "
+                                    f"{exc}"[:500], region_id)
+        system = step.system if step.system is not None else self.program.system
+        return GenerationRequest(text, images, system or None, step.json_schema, step.name,
+                                 step.max_tokens, step.temperature, region_id)
+
+    @staticmethod
+    def _prompt_png(item: CaptionInput, target: _Target, name: str) -> bytes:
+        try:
+            return item.prompts[target.id][name]
+        except KeyError:
+            raise KeyError(f"visual prompt {name!r} was not rendered for {target.id!r}") from None
+
+    @staticmethod
+    def _texts(outputs: dict[str, Any]) -> dict[str, str]:
+        """Earlier outputs as template text (tags joined, judge by its reason)."""
+        texts = {}
+        for name, value in outputs.items():
+            if name == "tags":
+                texts[name] = ", ".join(value)
+            elif name == "judge":
+                reason = value.get("reason", "") if isinstance(value, dict) else value
+                texts[name] = str(reason)
+            elif isinstance(value, str):
+                texts[name] = value.strip()
+            else:
+                texts[name] = json.dumps(value)
+        return texts
+
+    @staticmethod
+    def _apply(target: _Target, step: Step, answer: ChatResult) -> None:
+        region_id = None if target.region is None else target.id
+        if isinstance(answer, AnnotatorFailure):
+            detail = f"step {step.name}: {answer.detail}"[:1000]
+            target.failure = AnnotatorFailure(answer.reason, detail, region_id)
+            return
+        value: Any = answer.parsed if step.json_schema is not None else answer.text.strip()
+        if step.name == "tags":
+            value = clean_tags(value)
+        if step.name == "judge" and isinstance(value, dict) and value.get("keep") is False:
+            target.failure = AnnotatorFailure("judge_rejected", str(value.get("reason", ""))[:500],
+                                              region_id)
+            return
+        target.outputs[step.name] = value
+
+    def _result(self, row: list[_Target]) -> CaptionResult:
+        image = row[0]
+        if image.failure is not None:
+            return CaptionResult(None, {}, [image.failure])
+        provenance = self.provenance()
+        regions: dict[str, TextOut] = {}
+        failures: list[AnnotatorFailure] = []
+        for target in row[1:]:
+            if target.failure is not None:
+                failures.append(target.failure)
+            else:
+                regions[target.id] = self._text(target, provenance)
+        return CaptionResult(self._text(image, provenance), regions, failures)
+
+    @staticmethod
+    def _text(target: _Target, provenance: dict[str, Any]) -> TextOut:
+        out = target.outputs
+        caption = str(out.get("caption", "")).strip()
+        long_caption = str(out.get("long_caption") or caption).strip()
+        scores = {}
+        if isinstance(out.get("judge"), dict):
+            scores["judge_keep"] = 1.0
+        return TextOut(caption, long_caption, list(out.get("tags", [])), scores, provenance)
