@@ -43,7 +43,10 @@ def _internal(item: ImageItem, stage: str, exc: BaseException) -> pvalue.TaggedO
 
 
 def _rgb(item: ImageItem) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(item.data)).convert("RGB"))
+    """The stored image's pixels, decoded once per item and kept while the item is in memory."""
+    if item.rgb is None:
+        item.rgb = np.asarray(Image.open(io.BytesIO(item.data)).convert("RGB"))
+    return item.rgb
 
 
 class ReadImages(beam.DoFn):
@@ -88,7 +91,7 @@ class DecodeImages(beam.DoFn):
         except Exception as exc:
             yield _internal(item, "decode", exc)
             return
-        item.data, item.format = decoded.data, decoded.format
+        item.data, item.format, item.rgb = decoded.data, decoded.format, None
         item.width, item.height, item.image_info = decoded.width, decoded.height, decoded.info
         item.timings["decode"] = time.perf_counter() - start
         yield item

@@ -78,6 +78,11 @@ class ImageItem:
     region_failures: list[Failure] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     segmenter_provenance: dict[str, Any] | None = None       # as set up in the worker that ran it
+    rgb: Any = None                                          # decoded pixels of ``data`` (numpy), once
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the pixels are a cache: a shuffle or a worker hand-over carries the encoded bytes only
+        return {k: v for k, v in self.__dict__.items() if k != "rgb"} | {"rgb": None}
 
     def fail(self, stage: str, reason: str, detail: str = "") -> Failure:
         """A Failure for this whole input."""
