@@ -58,13 +58,21 @@ class CountProgress(beam.DoFn):
             self._write()
         yield outcome
 
+    def _in_flight(self) -> int:
+        try:   # requests this process's caption backend is waiting on
+            from annotators.caption.backends.base import IN_FLIGHT
+
+            return IN_FLIGHT.value
+        except ImportError:
+            return 0
+
     def finish_bundle(self) -> None:
         self._write()
 
     def _write(self) -> None:
         self.last = time.monotonic()
         try:
-            lay.write_atomic(self.path, json.dumps(self.counts).encode())
+            lay.write_atomic(self.path, json.dumps(self.counts | {"in_flight": self._in_flight()}).encode())
         except Exception:   # progress is best effort; it never fails the build
             LOG.debug("could not write progress", exc_info=True)
 
@@ -77,7 +85,7 @@ def write_total(total: int, out: str, run_id: str) -> None:
 
 def read(out: str, run_id: str) -> dict[str, int]:
     """Summed counts of all workers of a run (and the total, -1 while unknown)."""
-    summed = {"done": 0, "written": 0, "permanent": 0, "transient": 0, "total": -1}
+    summed = {"done": 0, "written": 0, "permanent": 0, "transient": 0, "in_flight": 0, "total": -1}
     try:
         matched = FileSystems.match([FileSystems.join(progress_dir(out, run_id), "*.json")])[0]
     except Exception:
@@ -103,8 +111,9 @@ def line(counts: dict[str, int], seconds: float) -> str:
         eta = f"ETA {_duration(left / rate)}" if rate > 0 and left else ("done" if not left else "ETA ?")
     else:
         share, eta = f"{done}/? (listing inputs)", "ETA ?"
+    flight = f" · {counts['in_flight']} requests in flight" if counts.get("in_flight") else ""
     return (f"images {share} · {rate:.1f} img/s · {eta} · failed: {counts['permanent']} permanent, "
-            f"{counts['transient']} transient")
+            f"{counts['transient']} transient{flight}")
 
 
 def _duration(seconds: float) -> str:

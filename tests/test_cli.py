@@ -42,12 +42,13 @@ def test_progress_lines_sum_every_worker(tmp_path: Path) -> None:
     progress.write_total(10, out, run)
     base = Path(progress.progress_dir(out, run))
     (base / "1-a.json").write_text('{"done": 3, "written": 2, "permanent": 1, "transient": 0}')
-    (base / "2-b.json").write_text('{"done": 2, "written": 1, "permanent": 0, "transient": 1}')
+    (base / "2-b.json").write_text('{"done": 2, "written": 1, "permanent": 0, "transient": 1, '
+                                   '"in_flight": 7}')
     counts = progress.read(out, run)
-    assert counts == {"done": 5, "written": 3, "permanent": 1, "transient": 1, "total": 10}
+    assert counts == {"done": 5, "written": 3, "permanent": 1, "transient": 1, "in_flight": 7, "total": 10}
     text = progress.line(counts, 10.0)
     assert text.startswith("images 5/10 (50%) · 0.5 img/s · ETA 10s")
-    assert "1 permanent, 1 transient" in text
+    assert "1 permanent, 1 transient · 7 requests in flight" in text
 
 
 @pytest.mark.slow

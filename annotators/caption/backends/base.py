@@ -11,6 +11,8 @@ prepared once (``prepare_images``).
 """
 from __future__ import annotations
 
+import threading
+
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
@@ -96,3 +98,19 @@ def prepare_images(requests: Sequence[GenerationRequest],
             continue
         out.append([done[id(image)] for image in request.images])
     return out
+
+
+class _InFlight:
+    """Requests this process has sent to a model and not yet had answered (for progress)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, n: int) -> None:
+        """Count ``n`` more (negative: answered)."""
+        with self._lock:
+            self.value += n
+
+
+IN_FLIGHT = _InFlight()

@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 
 from annotators.base import AnnotatorFailure
 from annotators.caption.backends.base import (
+    IN_FLIGHT,
     Backend,
     ChatAnswer,
     ChatResult,
@@ -293,6 +294,7 @@ class VllmChatClient(Backend):
         self._bump("attempts")
         started = time.perf_counter()
         endpoint.in_flight += 1
+        IN_FLIGHT.add(1)
         try:
             # The raw response (not the typed ChatCompletion): we check and parse it ourselves.
             response = await endpoint.client.post("/chat/completions", body=body,
@@ -305,6 +307,7 @@ class VllmChatClient(Backend):
             fault = None
         finally:
             endpoint.in_flight -= 1
+            IN_FLIGHT.add(-1)
         if fault is None:
             result = self._read(data, request, time.perf_counter() - started, endpoint.url)
         else:
