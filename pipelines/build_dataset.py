@@ -19,6 +19,7 @@ import contextlib
 import logging
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -299,6 +300,8 @@ def main() -> int:
     if not verbose:   # third-party chatter a user cannot act on
         for name in ("apache_beam", "httpx", "urllib3", "absl"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # e.g. BatchElements' batch-size fit warns about its own numerics on small batches
+        warnings.filterwarnings("ignore", module=r"apache_beam(\..*)?$")
     try:
         if "--print-config" in sys.argv:
             print(print_config(sys.argv[1:]), end="")
