@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from annotators.base import CaptionResult, RegionView, TextOut
+from pipelines.config import mask_secrets
 from pipelines.types import Failure, ImageItem
 from schemas import SCHEMA_VERSION, record_errors
 
@@ -36,13 +37,19 @@ def _region_json(region: RegionView, text: TextOut, segmenter: dict[str, Any]) -
         "long_caption": text.long_caption,
         "tags": list(text.tags),
         "provenance": {"segmenter": {**segmenter, "source": region.stats.get("source", "")},
-                       "captioner": text.provenance},
+                       "captioner": _masked(text.provenance)},
     }
+
+
+def _masked(provenance: dict[str, Any]) -> dict[str, Any]:
+    """Provenance with secret-looking values (API keys, tokens in a server command) masked."""
+    return mask_secrets(provenance)
 
 
 def build_record(item: ImageItem, segmenter: dict[str, Any], pipeline_version: str,
                  settings_hash: str) -> tuple[dict[str, Any] | None, list[Failure]]:
     """The record for ``item`` plus region-level failures; (None, failures) if the image fails."""
+    segmenter = mask_secrets(segmenter)
     result: CaptionResult = item.captions
     failures = list(item.region_failures)
     for f in result.failures:
@@ -69,7 +76,7 @@ def build_record(item: ImageItem, segmenter: dict[str, Any], pipeline_version: s
         "source": source,
         "image": {"width": item.width, "height": item.height, "format": item.format, **item.image_info},
         "image_level": {"caption": image_level.caption, "long_caption": image_level.long_caption,
-                        "tags": list(image_level.tags), "provenance": image_level.provenance},
+                        "tags": list(image_level.tags), "provenance": _masked(image_level.provenance)},
         "regions": [_region_json(r, result.regions[r.id], segmenter) for r in regions],
         "provenance": {"pipeline_version": pipeline_version, "settings_hash": settings_hash},
     }

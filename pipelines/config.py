@@ -133,7 +133,7 @@ class PipelineConfig:
         view["segmenter"] = build_segmenter(self.segmenter).hash_view()
         view["captioner"] = build_captioner(self.captioner).hash_view()
         view["pipeline_version"] = PIPELINE_VERSION
-        return view
+        return mask_secrets(view)   # a new API key is not a new dataset
 
     def run_settings(self) -> dict[str, Any]:
         """The sections left out of the hash. (The annotators' own run settings stay in their
@@ -212,8 +212,15 @@ def load_config(path: str | None) -> PipelineConfig:
     return config_from_dict(data)
 
 
-_SECRET_KEY = re.compile(r"(api_?key|secret|password|passwd|token|authorization|bearer|credential)", re.I)
-_SECRET_FLAG = re.compile(r"^--?[\w-]*(api[_-]?key|secret|password|token)[\w-]*(=.*)?$", re.I)
+# a secret's name is a whole word of the key: HF_TOKEN, api_key, x-api-key — not max_tokens
+_SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|secret|password|passwd|token|authorization|bearer|"
+                         r"credentials?)($|[_-])", re.I)
+_SECRET_FLAG = re.compile(r"^--?(\w+[-_])*(api[-_]?key|secret|password|token)([-_]\w+)*(=.*)?$", re.I)
+
+
+def _secret_key(name: str) -> bool:
+    # ``api_key_env`` names the variable that holds the key, not the key
+    return bool(_SECRET_KEY.search(name)) and not name.lower().endswith("_env")
 
 
 def mask_secrets(value: Any) -> Any:
@@ -221,7 +228,7 @@ def mask_secrets(value: Any) -> Any:
     secret (api_key, token, password, …), ``--api-key X`` / ``--token=X`` in argument lists, and
     ``sk-…`` / ``hf_…`` strings."""
     if isinstance(value, dict):
-        return {k: "***" if _SECRET_KEY.search(str(k)) and v not in (None, "", {}, [])
+        return {k: "***" if _secret_key(str(k)) and v not in (None, "", {}, [])
                 else mask_secrets(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         out: list[Any] = []

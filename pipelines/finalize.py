@@ -14,7 +14,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines import card
 from pipelines import layout as lay
-from pipelines.config import PIPELINE_VERSION, PipelineConfig
+from pipelines.config import PIPELINE_VERSION, PipelineConfig, mask_secrets
 from pipelines.writer import read_json
 from schemas import SCHEMA_VERSION
 
@@ -131,8 +131,8 @@ def finalize(out: str, input_spec: str, config: PipelineConfig, provenance: dict
         "dataset_name": config.dataset_name,
         "input": input_spec,
         "settings_hash": config.settings_hash(),
-        "settings": config.to_dict(),
-        "annotators": provenance,
+        "settings": mask_secrets(config.to_dict()),
+        "annotators": mask_secrets(provenance),
         "counts": {
             "inputs": summary["inputs"],
             "in_shards": t["inputs"],

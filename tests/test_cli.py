@@ -68,3 +68,28 @@ def test_cli_shows_progress_prints_config_and_stays_quiet(tmp_path: Path) -> Non
     assert "settings_hash:" in shown.stdout and "samples_per_shard: 64" in shown.stdout
     helped = _cli("--help")
     assert "examples:" in helped.stdout and "--prune-vanished" in helped.stdout
+
+
+@pytest.mark.slow
+def test_secrets_reach_no_output_and_do_not_change_the_hash(tmp_path: Path) -> None:
+    from pipelines.config import config_from_dict
+    from tests.conftest import build
+    from tests.fault_server import FaultConfig, serve_faults
+
+    def config(url: str, key: str) -> dict:
+        return {"segmenter": {"name": "given"}, "regions": {"max_regions": 2, "min_area_frac": 0.0},
+                "captioner": {"name": "vllm", "model": "fake-vlm", "program": "umg", "endpoints": [url],
+                              "client": {"extra_body": {"api_key": key}}}}
+
+    with serve_faults(FaultConfig()) as server:
+        out, _ = build(tmp_path, "synthetic://2?size=64", config=config(server.base_url, "sk-first-secret-1"))
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".md", ".tar", ".parquet"):
+            assert b"sk-first-secret-1" not in path.read_bytes(), path
+    first = config_from_dict(config("http://x/v1", "sk-first-secret-1")).settings_hash()
+    second = config_from_dict(config("http://x/v1", "sk-other-secret-2")).settings_hash()
+    assert first == second
+    served = {"name": "vllm", "model": "m", "server": {"command": ["serve", "--api-key", "sk-a-secret-1"]}}
+    other = {"name": "vllm", "model": "m", "server": {"command": ["serve", "--api-key", "sk-b-secret-2"]}}
+    assert config_from_dict({"captioner": served}).settings_hash() == \
+        config_from_dict({"captioner": other}).settings_hash()
