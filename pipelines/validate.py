@@ -16,12 +16,11 @@ import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from pipelines.layout import WORK_DIR, index_path
+from pipelines.layout import index_path
+from pipelines.writer import complete_shard_names, read_parquet
 from schemas import FAILURES_SCHEMA, IMAGES_SCHEMA, REGIONS_SCHEMA, record_errors
 
 
@@ -119,11 +118,6 @@ def check_shard(report: Report, name: str, data: bytes) -> dict[str, dict]:
     return records
 
 
-def _table(path: str) -> pa.Table:
-    # use_threads=False: Arrow's thread pool next to Beam's can abort the interpreter at exit
-    return pq.read_table(io.BytesIO(_read(path)), use_threads=False)
-
-
 def _check_index(report: Report, out: str, shard: str, records: dict[str, dict]) -> int:
     """The shard's index and failures files against its records; returns its failed inputs."""
     tables = {}
@@ -131,7 +125,7 @@ def _check_index(report: Report, out: str, shard: str, records: dict[str, dict])
                           ("failures", FAILURES_SCHEMA)):
         where = index_path(out, table, shard)[len(out):].lstrip("/")
         try:
-            tables[table] = _table(index_path(out, table, shard))
+            tables[table] = read_parquet(index_path(out, table, shard))
         except Exception as exc:
             report.add(where, f"missing or unreadable ({exc})")
             return 0
@@ -193,14 +187,6 @@ def check_one(args: tuple[str, str, dict | None]) -> ShardResult:
                        sum(len(r.get("regions", [])) for r in records.values()), failed)
 
 
-def _complete_shards(out: str) -> list[str]:
-    try:
-        matched = FileSystems.match([FileSystems.join(out, WORK_DIR, "*", "stats.json")])[0]
-    except Exception:
-        return []
-    return sorted(m.path.rstrip("/").split("/")[-2] for m in matched.metadata_list)
-
-
 def validate(out: str, processes: int | None = None) -> Report:
     """Validate a dataset directory (any Beam filesystem path); shards are checked in parallel
     worker processes, each returning only its problems and keys (memory stays bounded)."""
@@ -218,7 +204,7 @@ def validate(out: str, processes: int | None = None) -> Report:
         present = set()
     for extra in sorted(present - set(listed)):
         report.add("shards/", f"'{extra}' is not listed in manifest.json")
-    complete = _complete_shards(out)
+    complete = list(complete_shard_names(out))
     for name in sorted(set(listed) - {f"{s}.tar" for s in complete}):
         report.add(f"shards/{name}", "listed in manifest.json but its shard is not complete")
     jobs = [(out, shard, listed.get(f"{shard}.tar")) for shard in complete]

@@ -206,10 +206,12 @@ def write_shard(out: str, shard: str, settings_hash: str, layout: lay.Layout) ->
     stats["settings_hash"] = settings_hash
     failures = [f.row() | {"shard": shard} for o in outcomes for f in o.failures]
     settled = [o for o in outcomes if not o.transient]
+    # failures and the settled members, whether or not the shard completes now (a stop before the
+    # completion marker is finished by the next run from the staged outcomes)
+    lay.write_atomic(lay.index_path(out, "failures", shard), parquet_bytes(failures, FAILURES_SCHEMA))
+    lay.write_atomic(lay.work_path(out, shard, "members.parquet"),
+                     parquet_bytes([_member(o, shard) for o in settled], MEMBERS_SCHEMA))
     if not stats["complete"]:
-        lay.write_atomic(lay.index_path(out, "failures", shard), parquet_bytes(failures, FAILURES_SCHEMA))
-        lay.write_atomic(lay.work_path(out, shard, "members.parquet"),
-                         parquet_bytes([_member(o, shard) for o in settled], MEMBERS_SCHEMA))
         return stats
     written = [o for o in outcomes if o.record is not None]
     if written:
@@ -223,9 +225,6 @@ def write_shard(out: str, shard: str, settings_hash: str, layout: lay.Layout) ->
     lay.write_atomic(lay.index_path(out, "regions", shard),
                      parquet_bytes([r for o in written for r in region_rows(o.record, shard)],
                                    REGIONS_SCHEMA))
-    lay.write_atomic(lay.index_path(out, "failures", shard), parquet_bytes(failures, FAILURES_SCHEMA))
-    lay.write_atomic(lay.work_path(out, shard, "members.parquet"),
-                     parquet_bytes([_member(o, shard) for o in settled], MEMBERS_SCHEMA))
     lay.write_atomic(lay.work_path(out, shard, "stats.json"),
                      json.dumps(stats, sort_keys=True, indent=1).encode())
     _drop_staged(out, shard)
