@@ -6,7 +6,7 @@ from typing import Any
 from annotators.base import CaptionResult, RegionView, TextOut
 from pipelines.config import mask_secrets
 from pipelines.types import Failure, ImageItem
-from schemas import SCHEMA_VERSION, record_errors
+from schemas import SCHEMA_VERSION, ProvenanceTable, record_errors
 
 
 def _drop_failed(regions: list[RegionView], failed: set[str]) -> list[RegionView]:
@@ -24,7 +24,8 @@ def _drop_failed(regions: list[RegionView], failed: set[str]) -> list[RegionView
     return kept
 
 
-def _region_json(region: RegionView, text: TextOut, segmenter: dict[str, Any]) -> dict[str, Any]:
+def _region_json(region: RegionView, text: TextOut, segmenter: dict[str, Any],
+                 table: ProvenanceTable) -> dict[str, Any]:
     return {
         "id": region.id,
         "level": region.level,
@@ -36,8 +37,8 @@ def _region_json(region: RegionView, text: TextOut, segmenter: dict[str, Any]) -
         "caption": text.caption,
         "long_caption": text.long_caption,
         "tags": list(text.tags),
-        "provenance": {"segmenter": {**segmenter, "source": region.stats.get("source", "")},
-                       "captioner": _masked(text.provenance)},
+        "provenance": {"segmenter": table.add("segmenter", {**segmenter, "source": region.stats.get("source", "")}),
+                       "captioner": table.add("captioner", _masked(text.provenance))},
     }
 
 
@@ -70,15 +71,19 @@ def build_record(item: ImageItem, segmenter: dict[str, Any], pipeline_version: s
     if item.ground_truth:
         source["ground_truth"] = item.ground_truth
     image_level = result.image_level
+    table = ProvenanceTable()
+    image_provenance = table.add("captioner", _masked(image_level.provenance))
+    region_json = [_region_json(r, result.regions[r.id], segmenter, table) for r in regions]
     record = {
         "schema_version": SCHEMA_VERSION,
         "key": item.ref.key,
         "source": source,
         "image": {"width": item.width, "height": item.height, "format": item.format, **item.image_info},
         "image_level": {"caption": image_level.caption, "long_caption": image_level.long_caption,
-                        "tags": list(image_level.tags), "provenance": _masked(image_level.provenance)},
-        "regions": [_region_json(r, result.regions[r.id], segmenter) for r in regions],
-        "provenance": {"pipeline_version": pipeline_version, "settings_hash": settings_hash},
+                        "tags": list(image_level.tags), "provenance": image_provenance},
+        "regions": region_json,
+        "provenance": {"pipeline_version": pipeline_version, "settings_hash": settings_hash,
+                       "annotators": table.as_dict()},
     }
     errors = record_errors(record)
     if errors:

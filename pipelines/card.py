@@ -436,7 +436,7 @@ print(ann["region_id"], ann["parent_region_id"], ann["caption"], ann["tags"], ma
 def render(manifest: dict[str, Any]) -> str:
     """Markdown card from the manifest (whose counts the pipeline summed over the shards) and
     ``manifest["stats"]`` (``dataset_stats``), when present."""
-    from schemas.record_v1 import RECORD
+    from schemas.record import RECORD
     from schemas.spec import markdown_rows
 
     stats = manifest.get("stats")

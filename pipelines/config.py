@@ -19,6 +19,7 @@ import yaml
 from apache_beam.io.filesystems import FileSystems
 
 from annotators.registry import build_captioner, build_segmenter
+from schemas import SCHEMA_VERSION
 from settings import ConfigError, hashed_fields, parse_settings, require, stable_hash
 
 PIPELINE_VERSION = "0.1.0"
@@ -133,6 +134,7 @@ class PipelineConfig:
         view["segmenter"] = build_segmenter(self.segmenter).hash_view()
         view["captioner"] = build_captioner(self.captioner).hash_view()
         view["pipeline_version"] = PIPELINE_VERSION
+        view["schema_version"] = SCHEMA_VERSION
         return mask_secrets(view)   # a new API key is not a new dataset
 
     def run_settings(self) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from annotators.caption import visual_prompts as vp
 from annotators.segment import masks as rle
+from schemas import image_provenance, region_provenance
 
 DEFAULT_N = 48
 MAX_SIDE = 512           # preview images are downsized to this longest side
@@ -470,8 +471,8 @@ def _write(path: Path, data: bytes) -> str:
 def _prompt_files(root: Path, s: Sample, rgb: np.ndarray) -> dict[str, str]:
     """Prompt images of the image ("") and of each region, written; HTML per target."""
     out: dict[str, str] = {}
-    targets = [("", None, s.record["image_level"]["provenance"])] + [
-        (r["id"], r, r["provenance"].get("captioner", {})) for r in s.record["regions"]]
+    targets = [("", None, image_provenance(s.record))] + [
+        (r["id"], r, region_provenance(s.record, r)["captioner"]) for r in s.record["regions"]]
     steps_cache: dict[str, dict[str, list[tuple[str, list[str]]]]] = {}
     for target_id, region, provenance in targets:
         rendered = render_prompts(rgb, s.record, region, provenance)

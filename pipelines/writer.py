@@ -80,7 +80,8 @@ def image_row(record: dict[str, Any], shard: str) -> dict[str, Any]:
             "n_regions": sum(r["level"] == "region" for r in regions),
             "n_pixel": sum(r["level"] == "pixel" for r in regions),
             "caption": text["caption"], "caption_chars": len(text["caption"]),
-            "long_caption_chars": len(text["long_caption"]), "tags": text["tags"]}
+            "long_caption_chars": len(text["long_caption"]), "tags": text["tags"],
+            "captioner_provenance": text["provenance"]}
 
 
 def region_rows(record: dict[str, Any], shard: str) -> list[dict[str, Any]]:
@@ -92,7 +93,9 @@ def region_rows(record: dict[str, Any], shard: str) -> list[dict[str, Any]]:
                      "level": r["level"], "parent": r["parent"], "x": x, "y": y, "w": w, "h": h,
                      "area": r["area"], "has_mask": r["mask"] is not None, "caption": r["caption"],
                      "caption_chars": len(r["caption"]), "long_caption_chars": len(r["long_caption"]),
-                     "tags": r["tags"], "scores_json": json.dumps(r["scores"], sort_keys=True)})
+                     "tags": r["tags"], "scores_json": json.dumps(r["scores"], sort_keys=True),
+                     "segmenter_provenance": r["provenance"]["segmenter"],
+                     "captioner_provenance": r["provenance"]["captioner"]})
     return rows
 
 

@@ -1,6 +1,7 @@
-"""Record schema v1: validation, parquet schemas and the schema document, all from record_v1."""
-from schemas.record_v1 import (FAILURE_COLUMNS, IMAGE_COLUMNS, KEY_PATTERN, RECORD, REGION_COLUMNS,
-                               SCHEMA_VERSION)
+"""The record schema: validation, parquet schemas and the schema document, all from ``record``."""
+from schemas.record import (FAILURE_COLUMNS, IMAGE_COLUMNS, KEY_PATTERN, RECORD, REGION_COLUMNS,
+                            SCHEMA_VERSION)
+from schemas.provenance import ProvenanceTable, image_provenance, provenance_id, region_provenance
 from schemas.spec import arrow_schema, json_schema
 from schemas.validation import RecordError, check_record, record_errors
 
@@ -11,4 +12,5 @@ REGIONS_SCHEMA = arrow_schema(REGION_COLUMNS, SCHEMA_VERSION)
 FAILURES_SCHEMA = arrow_schema(FAILURE_COLUMNS, SCHEMA_VERSION)
 
 __all__ = ["SCHEMA_VERSION", "KEY_PATTERN", "RECORD_JSON_SCHEMA", "IMAGES_SCHEMA", "REGIONS_SCHEMA",
-           "FAILURES_SCHEMA", "RecordError", "check_record", "record_errors"]
+           "FAILURES_SCHEMA", "RecordError", "check_record", "record_errors", "ProvenanceTable",
+           "image_provenance", "provenance_id", "region_provenance"]

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from schemas.record_v1 import (FAILURE_COLUMNS, IMAGE_COLUMNS, RECORD, REGION_COLUMNS, SCHEMA_VERSION)
+from schemas.record import (FAILURE_COLUMNS, IMAGE_COLUMNS, RECORD, REGION_COLUMNS, SCHEMA_VERSION)
 from schemas.spec import column_rows, markdown_rows
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "SCHEMA.md"
@@ -20,7 +20,7 @@ def render() -> str:
     parts = [
         f"# Record schema, version {SCHEMA_VERSION}",
         "",
-        "Generated from `schemas/record_v1.py` by `python -m schemas.doc`; do not edit by hand.",
+        "Generated from `schemas/record.py` by `python -m schemas.doc`; do not edit by hand.",
         "",
         "Each shard sample is `{key}.json` (this record) plus `{key}.jpg` or `{key}.png` (the stored",
         "image that every `bbox` and `mask` refers to).",

@@ -6,7 +6,8 @@ from typing import Any
 
 import jsonschema
 
-from schemas.record_v1 import RECORD
+from schemas.provenance import ROLES
+from schemas.record import RECORD
 from schemas.spec import json_schema
 
 
@@ -35,7 +36,9 @@ def record_errors(record: Any, check_masks: bool = True) -> list[str]:
     """All problems with ``record`` as "<field path>: <message>"; empty when valid.
 
     Beyond JSON Schema: region ids unique, parents exist and come first, a mask's size equals the
-    image size and (``check_masks``) its decoded tight box and pixel count equal ``bbox``/``area``.
+    image size and (``check_masks``) its decoded tight box and pixel count equal ``bbox``/``area``;
+    every provenance id refers to an entry of ``provenance.annotators`` of its role, and every entry
+    is used.
     """
     errors = [f"{_path(e.absolute_path)}: {e.message}"
               for e in sorted(_validator().iter_errors(record), key=lambda e: list(map(str, e.absolute_path)))]
@@ -68,6 +71,23 @@ def _semantic_errors(record: dict, check_masks: bool) -> list[str]:
         if x < 0 or y < 0 or w < 0 or h < 0 or x + w > width + 1e-6 or y + h > height + 1e-6:
             errors.append(f"{where}.bbox: {region['bbox']} is outside the {width}x{height} image")
         errors.extend(_mask_errors(region, where, width, height, check_masks))
+    errors.extend(_provenance_errors(record))
+    return errors
+
+
+def _provenance_errors(record: dict) -> list[str]:
+    table = record["provenance"]["annotators"]
+    refs = [("image_level.provenance", "captioner", record["image_level"]["provenance"])]
+    for i, region in enumerate(record["regions"]):
+        refs += [(f"regions[{i}].provenance.{role}", role, pid) for role, pid in region["provenance"].items()]
+    errors = []
+    for where, role, pid in refs:
+        if pid not in table:
+            errors.append(f"{where}: '{pid}' is not in provenance.annotators")
+        elif pid[0] != ROLES[role]:
+            errors.append(f"{where}: '{pid}' is not a {role} provenance id")
+    for pid in sorted(set(table) - {pid for _, _, pid in refs}):
+        errors.append(f"provenance.annotators.{pid}: not used by the image level or any region")
     return errors
 
 

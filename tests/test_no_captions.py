@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import validate
+from schemas import image_provenance
 from tests.conftest import build, records
 
 
@@ -20,5 +21,5 @@ def test_records_keep_masks_with_empty_texts_flagged_uncaptioned(tmp_path: Path,
     for rec in got.values():
         texts = [rec["image_level"]] + rec["regions"]
         assert all(t["caption"] == "" and t["long_caption"] == "" and t["tags"] == [] for t in texts)
-        assert rec["image_level"]["provenance"]["captioned"] is False
+        assert image_provenance(rec)["captioned"] is False
     assert manifest["seconds_per_stage"]["render_prompts"] == 0   # nothing asked for prompts

@@ -14,6 +14,7 @@ from PIL import Image
 from annotators.segment import masks
 from pipelines import validate
 from settings import ConfigError
+from schemas import region_provenance
 from tests.conftest import build, records
 
 pytestmark = pytest.mark.slow
@@ -94,9 +95,33 @@ def test_outputs_load_everywhere_and_masks_match(tmp_path: Path, fast_config: di
     ds = load_dataset("webdataset", data_files={"train": str(out / "shards" / "*.tar")}, split="train",
                       cache_dir=str(tmp_path / "hf"))
     assert len(ds) == 6 and {"png", "json"} <= set(ds.column_names)
-    assert ds[0]["json"]["schema_version"] == "1"
+    assert ds[0]["json"]["schema_version"] == "2"
     images = pq.read_table(out / "index" / "images")
     assert images.num_rows == 6 and manifest["counts"]["regions_by_level"]["pixel"] == n_masks
+
+
+def test_provenance_is_stored_once_per_record_and_indexed_by_id(tmp_path: Path, fast_config: dict) -> None:
+    out, manifest = build(tmp_path, "synthetic://4?size=96", config=fast_config)
+    index = pq.read_table(out / "index" / "regions").to_pylist()
+    by_region = {(row["key"], row["region_id"]): row for row in index}
+    seen_ids: dict[str, dict] = {}
+    for key, record in records(out).items():
+        table = record["provenance"]["annotators"]
+        text = json.dumps(record, sort_keys=True)
+        for pid, provenance in table.items():
+            # each distinct provenance is in the record once, and the same id means the same
+            # provenance in every record
+            assert text.count(json.dumps(provenance, sort_keys=True)) == 1
+            assert seen_ids.setdefault(pid, provenance) == provenance
+        assert len(table) < len(record["regions"])
+        for region in record["regions"]:
+            row = by_region[(key, region["id"])]
+            assert (row["segmenter_provenance"], row["captioner_provenance"]) == (
+                region["provenance"]["segmenter"], region["provenance"]["captioner"])
+            assert region_provenance(record, region)["segmenter"]["name"] == "classical"
+    images = pq.read_table(out / "index" / "images").to_pylist()
+    assert {row["captioner_provenance"] for row in images} <= set(seen_ids)
+    assert manifest["annotators"]["captioner"]["name"] == "attributes"
 
 
 def test_workers_give_identical_shards(tmp_path: Path, fast_config: dict) -> None:
@@ -195,7 +220,7 @@ def test_segmenter_provenance_comes_from_the_worker(tmp_path: Path, fast_config:
 
     config = dict(fast_config, segmenter={"name": "tests.plugins:WhereSegmenter", "work_side": 96})
     out, manifest = build(tmp_path, "synthetic://6?size=64", config=config, extra=["--workers", "2"])
-    devices = {r["provenance"]["segmenter"]["device"] for rec in records(out).values()
+    devices = {region_provenance(rec, r)["segmenter"]["device"] for rec in records(out).values()
                for r in rec["regions"]}
     assert manifest["annotators"]["segmenter"]["device"] == "not set up"   # the driver's view
     assert devices and all(d.startswith("worker-") for d in devices), devices

@@ -19,6 +19,7 @@ from PIL import Image
 from annotators.caption import visual_prompts as vp
 from annotators.segment import masks as rle
 from pipelines import preview
+from schemas import region_provenance
 from tests.conftest import build, records
 from tests.fault_server import FaultConfig, serve_faults
 
@@ -137,7 +138,7 @@ def test_prompts_and_failures_of_a_vllm_build(tmp_path: Path) -> None:
     for key, record in records(out).items():
         rgb = np.asarray(Image.open(io.BytesIO(_image_bytes(out, record))).convert("RGB"))
         for region in record["regions"]:
-            for spec in region["provenance"]["captioner"]["visual_prompts"][region["level"]]:
+            for spec in region_provenance(record, region)["captioner"]["visual_prompts"][region["level"]]:
                 path = out / "preview" / "prompts" / key / f"{region['id']}.{spec['name']}.png"
                 mask = rle.decode(region["mask"]) if region["mask"] else None
                 expected = vp.render(spec["kind"], rgb, mask, region["bbox"], **spec["params"])

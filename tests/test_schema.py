@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 
 from annotators.segment import masks
-from schemas import (FAILURES_SCHEMA, IMAGES_SCHEMA, RECORD_JSON_SCHEMA, REGIONS_SCHEMA, RecordError,
-                     check_record, record_errors)
+from schemas import (FAILURES_SCHEMA, IMAGES_SCHEMA, RECORD_JSON_SCHEMA, REGIONS_SCHEMA, SCHEMA_VERSION,
+                     RecordError, check_record, image_provenance, provenance_id, record_errors,
+                     region_provenance)
+
+SEG = provenance_id("segmenter", {"name": "given"})
+CAP = provenance_id("captioner", {"name": "attributes"})
 from schemas import doc
 
 
@@ -18,12 +22,14 @@ def _record() -> dict:
     rle = masks.encode(mask)
     region = {"id": "p1", "level": "pixel", "parent": "r1", "bbox": [3.0, 2.0, 10.0, 6.0], "area": 60.0,
               "mask": rle, "scores": {}, "caption": "c", "long_caption": "lc", "tags": ["t"],
-              "provenance": {"segmenter": {"name": "given"}, "captioner": {"name": "attributes"}}}
+              "provenance": {"segmenter": SEG, "captioner": CAP}}
     box = dict(region, id="r1", level="region", parent=None, mask=None)
-    return {"schema_version": "1", "key": "img_1", "source": {"uri": "x.png", "sha256": "a" * 64},
+    return {"schema_version": "2", "key": "img_1", "source": {"uri": "x.png", "sha256": "a" * 64},
             "image": {"width": 30, "height": 20, "format": "png"},
-            "image_level": {"caption": "c", "long_caption": "lc", "tags": [], "provenance": {}},
-            "regions": [box, region], "provenance": {"pipeline_version": "0", "settings_hash": "h"}}
+            "image_level": {"caption": "c", "long_caption": "lc", "tags": [], "provenance": CAP},
+            "regions": [box, region], "provenance": {"pipeline_version": "0", "settings_hash": "h",
+                                                     "annotators": {SEG: {"name": "given"},
+                                                                    CAP: {"name": "attributes"}}}}
 
 
 def test_schema_doc_is_current() -> None:
@@ -46,6 +52,18 @@ def test_valid_record_passes() -> None:
     (lambda r: r["regions"][1].__setitem__("mask", None), "regions[1].mask: a pixel-level region needs a mask"),
     (lambda r: r["regions"][0].__setitem__("bbox", [25.0, 0.0, 10.0, 5.0]), "regions[0].bbox: [25.0, 0.0, 10.0, 5.0] is outside"),
     (lambda r: r["image"].__setitem__("extra", 1), "image: Additional properties are not allowed"),
+    (lambda r: r.__setitem__("schema_version", "1"), "schema_version: '2' was expected"),
+    (lambda r: r["regions"][1]["provenance"].__setitem__("segmenter", {"name": "given"}),
+     "regions[1].provenance.segmenter: {'name': 'given'} is not of type 'string'"),
+    (lambda r: r["regions"][1]["provenance"].__setitem__("captioner", "c-000000000000"),
+     "regions[1].provenance.captioner: 'c-000000000000' is not in provenance.annotators"),
+    (lambda r: r["regions"][1]["provenance"].__setitem__("captioner", SEG),
+     f"regions[1].provenance.captioner: '{SEG}' is not a captioner provenance id"),
+    (lambda r: r["provenance"]["annotators"].__setitem__("c-111111111111", {"name": "unused"}),
+     "provenance.annotators.c-111111111111: not used"),
+    (lambda r: r["provenance"]["annotators"].__setitem__("x-1", {}), "provenance.annotators: 'x-1' does not match"),
+    (lambda r: r["provenance"]["annotators"].__setitem__(CAP, "attributes"),
+     f"provenance.annotators.{CAP}: 'attributes' is not of type 'object'"),
 ])
 def test_errors_name_the_field(mutate, path) -> None:
     record = copy.deepcopy(_record())
@@ -58,7 +76,18 @@ def test_errors_name_the_field(mutate, path) -> None:
 
 def test_parquet_schemas_come_from_the_definition() -> None:
     for schema in (IMAGES_SCHEMA, REGIONS_SCHEMA, FAILURES_SCHEMA):
-        assert schema.metadata[b"schema_version"] == b"1"
+        assert schema.metadata[b"schema_version"] == SCHEMA_VERSION.encode() == b"2"
         assert all(f.metadata and f.metadata[b"doc"] for f in schema)
     assert {"key", "stage", "reason", "detail", "source"} <= set(FAILURES_SCHEMA.names)
     assert RECORD_JSON_SCHEMA["properties"]["regions"]["items"]["properties"]["level"]["enum"] == ["region", "pixel"]
+
+
+def test_provenance_is_stored_once_and_resolved_by_id() -> None:
+    record = _record()
+    assert region_provenance(record, record["regions"][1]) == {"segmenter": {"name": "given"},
+                                                               "captioner": {"name": "attributes"}}
+    assert image_provenance(record) == {"name": "attributes"}
+    # the id is the content: equal provenance, equal id; a different one, a different id
+    assert provenance_id("captioner", {"name": "attributes"}) == CAP
+    assert provenance_id("captioner", {"name": "attributes", "v": 1}) != CAP
+    assert CAP.startswith("c-") and SEG.startswith("s-")

@@ -13,6 +13,7 @@ from PIL import Image
 from annotators.segment import masks
 from pipelines import validate
 from pipelines.synthetic import scene
+from schemas import region_provenance
 from tests.conftest import build, records
 
 pytestmark = pytest.mark.slow
@@ -35,7 +36,7 @@ def test_tiny_sam_config_builds_and_validates(tmp_path: Path) -> None:
     assert counts["images_without_masks"] == 6 - len(with_masks)
     for record in with_masks:
         for region in record["regions"]:
-            assert region["provenance"]["segmenter"]["name"] == "sam-auto"
+            assert region_provenance(record, region)["segmenter"]["name"] == "sam-auto"
             if region["level"] == "pixel":
                 assert {"predicted_iou", "stability"} <= set(region["scores"])
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from pipelines import validate
+from schemas import region_provenance
 from tests.conftest import build, records
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -73,7 +74,7 @@ def test_programs_against_real_server(tmp_path: Path, vllm_env: None, program: s
             assert 1 <= len(text["tags"]) <= 8
             assert all(1 <= len(t) <= 24 for t in text["tags"])
         for region in record["regions"]:
-            assert region["provenance"]["captioner"]["program"]["id"] == program
+            assert region_provenance(record, region)["captioner"]["program"]["id"] == program
             n_regions += 1
     failures = pq.read_table(out / "failures").to_pylist()
     region_failures = [f for f in failures if f["region_id"] is not None]

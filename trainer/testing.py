@@ -17,6 +17,10 @@ import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from schemas import SCHEMA_VERSION, provenance_id
+
+SEG = provenance_id("segmenter", {"name": "test"})
+CAP = provenance_id("captioner", {"name": "test"})
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 215, 40)}
 
 
@@ -40,19 +44,20 @@ def make_sample(key: str, rng: np.random.Generator, size: int = 48, n_masks: int
         regions.append({"id": f"p{i}", "level": "pixel", "parent": None, "bbox": [x0, y0, w, h],
                         "area": float(mask.sum()), "mask": _rle(mask), "scores": {},
                         "caption": caption, "long_caption": f"A {colour} rectangle at {x0},{y0}. {caption}.",
-                        "tags": [colour], "provenance": {"segmenter": {}, "captioner": {}}})
+                        "tags": [colour], "provenance": {"segmenter": SEG, "captioner": CAP}})
     regions.insert(0, {"id": "r0", "level": "region", "parent": None, "bbox": [0, 0, size // 2, size // 2],
                        "area": float(size * size // 4), "mask": None, "scores": {},
                        "caption": f"the top left quarter of {key}",
                        "long_caption": f"The top left quarter of image {key}.", "tags": ["quarter"],
-                       "provenance": {"segmenter": {}, "captioner": {}}})
+                       "provenance": {"segmenter": SEG, "captioner": CAP}})
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
-    record = {"schema_version": "1", "key": key, "source": {"uri": f"test://{key}", "sha256": "0" * 64},
+    record = {"schema_version": SCHEMA_VERSION, "key": key, "source": {"uri": f"test://{key}", "sha256": "0" * 64},
               "image": {"width": size, "height": size, "format": "png"},
               "image_level": {"caption": f"image {key}", "long_caption": f"A test image called {key}.",
-                              "tags": ["test"], "provenance": {}},
-              "regions": regions, "provenance": {"pipeline_version": "test", "settings_hash": "test"}}
+                              "tags": ["test"], "provenance": CAP},
+              "regions": regions, "provenance": {"pipeline_version": "test", "settings_hash": "test",
+                                                "annotators": {SEG: {"name": "test"}, CAP: {"name": "test"}}}}
     return {"__key__": key, "png": buf.getvalue(), "json": json.dumps(record).encode()}
 
 

@@ -1,4 +1,4 @@
-"""Record schema version 1 and the index/failure table schemas: the single definition.
+"""Record schema (version 2) and the index/failure table schemas: the single definition.
 
 Everything else (validation, parquet schemas, docs/SCHEMA.md) is generated from this module.
 """
@@ -8,13 +8,20 @@ import pyarrow as pa
 
 from schemas.spec import Column, F
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 KEY_PATTERN = r"^[A-Za-z0-9_-]{1,200}$"
 REGION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+PROVENANCE_ID_PATTERN = r"^[sc]-[0-9a-f]{12}$"
 
 _TAGS = F("array", "Short lowercase tags.", items=F("string", "A tag."))
 _PROVENANCE_OPEN = F("object", "Free-form provenance: annotator name, version, model, prompt, settings.",
                      open=True)
+
+
+def _provenance_ref(role: str) -> F:
+    return F("string", f"Id of the {role} provenance in the record's `provenance.annotators`.",
+             extra={"pattern": PROVENANCE_ID_PATTERN})
+
 
 _RLE = F("object", "COCO run-length encoding of the mask over the stored image.", nullable=True,
          fields={
@@ -37,9 +44,10 @@ REGION = F("object", "One region of the image: a box (level region) or a mask (l
     "caption": F("string", "Short caption of the region."),
     "long_caption": F("string", "Long description of the region."),
     "tags": _TAGS,
-    "provenance": F("object", "Which annotators produced this region and its text.", fields={
-        "segmenter": _PROVENANCE_OPEN,
-        "captioner": _PROVENANCE_OPEN,
+    "provenance": F("object", "Which annotators produced this region and its text (ids into the record's "
+                    "`provenance.annotators`).", fields={
+        "segmenter": _provenance_ref("segmenter"),
+        "captioner": _provenance_ref("captioner"),
     }),
 })
 
@@ -72,12 +80,18 @@ RECORD = F("object", "One image with its text at every granularity.", fields={
         "caption": F("string", "Short caption of the image."),
         "long_caption": F("string", "Long description of the image."),
         "tags": _TAGS,
-        "provenance": _PROVENANCE_OPEN,
+        "provenance": _provenance_ref("captioner"),
     }),
     "regions": F("array", "Regions, parents before children.", items=REGION),
     "provenance": F("object", "How the record was made (no timestamps).", fields={
         "pipeline_version": F("string", "Version of the pipeline that wrote it."),
-        "settings_hash": F("string", "Hash of the resolved settings."),
+        "settings_hash": F("string", "Hash of the settings that change the output bytes."),
+        "annotators": F("object", "Each distinct annotator provenance of the record once, by id: `s-…` "
+                        "segmenter, `c-…` captioner; the id is a hash of the provenance, so equal ids "
+                        "mean equal provenance across the whole dataset. Values: free-form provenance "
+                        "(annotator name, version, model, prompt and its hash, visual prompt, settings).",
+                        open=True, extra={"propertyNames": {"pattern": PROVENANCE_ID_PATTERN},
+                                          "additionalProperties": {"type": "object"}}),
     }),
 })
 
@@ -96,6 +110,7 @@ IMAGE_COLUMNS = [
     Column("caption_chars", pa.int32(), "Length of the image caption."),
     Column("long_caption_chars", pa.int32(), "Length of the image long caption."),
     Column("tags", pa.list_(pa.string()), "Image tags."),
+    Column("captioner_provenance", pa.string(), "Id of the image-level captioner provenance."),
 ]
 
 REGION_COLUMNS = [
@@ -115,6 +130,9 @@ REGION_COLUMNS = [
     Column("long_caption_chars", pa.int32(), "Length of the long caption."),
     Column("tags", pa.list_(pa.string()), "Region tags."),
     Column("scores_json", pa.string(), "The region's scores as JSON."),
+    Column("segmenter_provenance", pa.string(), "Id of the segmenter provenance (same id, same "
+           "provenance, in every record)."),
+    Column("captioner_provenance", pa.string(), "Id of the captioner provenance."),
 ]
 
 FAILURE_COLUMNS = [
