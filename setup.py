@@ -10,6 +10,7 @@ CORE = [
     "scikit-image>=0.25",
     "webdataset>=1.0.2,<1.1",
     "jsonschema>=4.20",
+    "fastjsonschema>=2.19",    # records checked as they are assembled (jsonschema names every error)
     "pyyaml>=6",
     "matplotlib>=3.8",         # the dataset card's plots
 ]

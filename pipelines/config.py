@@ -38,6 +38,9 @@ class ShardSettings:
                 "use letters, digits, '-' or '_' (it becomes part of shard names)")
 
 
+RESAMPLE = {"area": "BOX", "lanczos": "LANCZOS", "bicubic": "BICUBIC", "bilinear": "BILINEAR"}
+
+
 @dataclass
 class DecodeSettings:
     """Decode hygiene: limits checked before and after decoding, and how images are stored."""
@@ -48,6 +51,10 @@ class DecodeSettings:
     max_pixels: int = 178_956_970  # checked from the header before a full decode (bomb guard)
     max_bytes: int = 256 * 1024 * 1024
     jpeg_quality: int = 95
+    # Downscaling filter: "area" averages the input pixels each output pixel covers (Pillow's
+    # BOX, like OpenCV's INTER_AREA that img2dataset uses; ~3× faster than lanczos); "lanczos" is
+    # a little sharper.
+    resample: str = "area"
     dedup: bool = True            # exact duplicates (sha256) → one record, the rest failures
 
     def check(self) -> None:
@@ -56,6 +63,7 @@ class DecodeSettings:
         require(self.max_aspect >= 1, "max_aspect", "must be at least 1")
         require(self.max_pixels >= self.max_side, "max_pixels", "must be a positive pixel count")
         require(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be in 1..100")
+        require(self.resample in RESAMPLE, "resample", f"must be one of {', '.join(sorted(RESAMPLE))}")
 
 
 @dataclass

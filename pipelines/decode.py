@@ -10,7 +10,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipelines.config import DecodeSettings
+from pipelines.config import RESAMPLE, DecodeSettings
 from pipelines.synthetic import scene_png
 from pipelines.types import ImageRef
 
@@ -33,6 +33,9 @@ class Decoded:
     width: int
     height: int
     info: dict[str, Any] = field(default_factory=dict)
+    # (H, W, 3) uint8 pixels of ``data`` when they are known exactly without decoding it again
+    # (the input's own JPEG bytes, or a lossless PNG); None after a lossy re-encode
+    pixels: np.ndarray | None = None
 
 
 def read_bytes(ref: ImageRef, max_bytes: int) -> tuple[bytes, list[dict[str, Any]] | None]:
@@ -123,16 +126,30 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, dict[str, Any]]:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
         info["alpha_flattened"] = True
-    return image.convert("RGB"), info
+    return (image if image.mode == "RGB" else image.convert("RGB")), info
 
 
-def _resize(image: Image.Image, max_side: int) -> Image.Image:
-    width, height = image.size
+def stored_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Size of the stored image for an input of ``width`` × ``height`` (after EXIF rotation)."""
     if max(width, height) <= max_side:
-        return image
+        return width, height
     scale = max_side / max(width, height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _resize(image: Image.Image, size: tuple[int, int], resample: str) -> Image.Image:
+    if image.size == size:
+        return image
+    return image.resize(size, getattr(Image.Resampling, RESAMPLE[resample]))
+
+
+def _draft(image: Image.Image, max_side: int) -> None:
+    """JPEG: decode at 1/2, 1/4 or 1/8 scale when the stored image is that much smaller (the
+    decoder skips the detail; memory and time shrink with the scale). The result stays at least
+    the stored size, so the final resize still makes exactly ``stored_size``."""
+    width, height = image.size
+    if image.format == "JPEG" and max(width, height) >= 2 * max_side:
+        image.draft(None, stored_size(width, height, max_side))
 
 
 def decode(data: bytes, settings: DecodeSettings) -> Decoded:
@@ -142,36 +159,44 @@ def decode(data: bytes, settings: DecodeSettings) -> Decoded:
     frames = getattr(image, "n_frames", 1)
     if frames > 1:
         image.seek(0)
+    header_size = image.size
+    _draft(image, settings.max_side)
+    drafted = image.size != header_size
     image = _load(image)
     info: dict[str, Any] = {}
-    transposed = ImageOps.exif_transpose(image)
-    if transposed is not None and transposed.size != image.size or _has_orientation(image):
+    # exif_transpose copies the image even when there is nothing to do: ask first
+    transposed = ImageOps.exif_transpose(image) if _has_orientation(image) else None
+    if transposed is not None:
         info["exif_transposed"] = True
+    swapped = transposed is not None and transposed.size != image.size
     image = transposed if transposed is not None else image
     rgb, mode_info = to_rgb(image)
     info.update(mode_info)
-    info["original_width"], info["original_height"] = rgb.size
+    # the input's size (after rotation) even when the JPEG was decoded at a reduced scale
+    original = header_size[::-1] if swapped else header_size
+    info["original_width"], info["original_height"] = original
     if frames > 1:
         info["animated"] = True
-    short, long = min(rgb.size), max(rgb.size)
+    short, long = min(original), max(original)
     if short < settings.min_side:
-        raise InputError("too_small", f"{rgb.size[0]}x{rgb.size[1]}: shorter side < "
+        raise InputError("too_small", f"{original[0]}x{original[1]}: shorter side < "
                                       f"decode.min_side={settings.min_side}")
     if long / short > settings.max_aspect:
-        raise InputError("bad_aspect", f"{rgb.size[0]}x{rgb.size[1]}: aspect > "
+        raise InputError("bad_aspect", f"{original[0]}x{original[1]}: aspect > "
                                        f"decode.max_aspect={settings.max_aspect}")
-    resized = _resize(rgb, settings.max_side)
-    unchanged = (resized is rgb and source_format == "JPEG" and image.mode == "RGB"
+    resized = _resize(rgb, stored_size(*original, settings.max_side), settings.resample)
+    unchanged = (resized is rgb and not drafted and source_format == "JPEG" and image.mode == "RGB"
                  and not info.get("exif_transposed") and frames == 1)
     if unchanged:   # keep the original JPEG bytes: no second lossy encode
-        return Decoded(data, "jpg", rgb.size[0], rgb.size[1], info)
+        return Decoded(data, "jpg", rgb.size[0], rgb.size[1], info, np.asarray(rgb))
     lossy = source_format in ("JPEG", "WEBP", "MPO")
     buffer = io.BytesIO()
     if lossy:
         resized.save(buffer, format="JPEG", quality=settings.jpeg_quality, optimize=False)
     else:
         resized.save(buffer, format="PNG", optimize=False)
-    return Decoded(buffer.getvalue(), "jpg" if lossy else "png", resized.size[0], resized.size[1], info)
+    return Decoded(buffer.getvalue(), "jpg" if lossy else "png", resized.size[0], resized.size[1], info,
+                   None if lossy else np.asarray(resized))
 
 
 def _has_orientation(image: Image.Image) -> bool:

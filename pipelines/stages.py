@@ -91,7 +91,7 @@ class DecodeImages(beam.DoFn):
         except Exception as exc:
             yield _internal(item, "decode", exc)
             return
-        item.data, item.format, item.rgb = decoded.data, decoded.format, None
+        item.data, item.format, item.rgb = decoded.data, decoded.format, decoded.pixels
         item.width, item.height, item.image_info = decoded.width, decoded.height, decoded.info
         item.timings["decode"] = time.perf_counter() - start
         yield item

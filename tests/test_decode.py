@@ -234,6 +234,50 @@ def test_resized_jpeg_stays_jpeg() -> None:
     assert decoded.format == "jpg" and stored.format == "JPEG" and stored.size == (64, 32)
 
 
+def _smooth_rgb(width: int, height: int) -> Image.Image:
+    """A photo-like image (gradients and blocks) whose downscales are comparable pixel by pixel."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb = np.stack([xx * 255 // width, yy * 255 // height, ((xx // 97 + yy // 89) % 2) * 200], -1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_large_jpeg_is_decoded_at_a_reduced_scale_with_the_same_result(
+        orientation: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JPEG 4× the stored size is decoded at 1/4 scale (JPEG draft mode): the stored size and the
+    recorded original size are those of a full decode, and the pixels nearly equal."""
+    from pipelines import decode as decode_module
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(_smooth_rgb(1600, 1200), "JPEG", quality=95, exif=exif.tobytes())
+    settings = DecodeSettings(max_side=400)
+    reduced = decode(data, settings)
+    monkeypatch.setattr(decode_module, "_draft", lambda image, max_side: None)
+    full = decode(data, settings)
+    size = (400, 300) if orientation == 1 else (300, 400)
+    for decoded in (reduced, full):
+        assert (decoded.width, decoded.height) == size == _stored(decoded).size
+        assert (decoded.info["original_width"], decoded.info["original_height"]) == (size[0] * 4, size[1] * 4)
+    assert reduced.data != full.data
+    diff = np.abs(np.asarray(_stored(reduced), np.int16) - np.asarray(_stored(full), np.int16))
+    assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 12, (diff.mean(), np.percentile(diff, 99))
+
+
+def test_resample_filter_is_a_setting() -> None:
+    data = _encode(_noise_rgb(300, 150), "PNG")
+    area = _stored(decode(data, DecodeSettings(max_side=100, min_side=16)))
+    lanczos = _stored(decode(data, DecodeSettings(max_side=100, min_side=16, resample="lanczos")))
+    source = np.asarray(Image.open(io.BytesIO(data)), np.float64)
+    block_mean = source.reshape(50, 3, 100, 3, 3).mean(axis=(1, 3))     # a 3×3 area average
+    assert np.abs(np.asarray(area, np.float64) - block_mean).max() <= 1.0
+    assert area.tobytes() != lanczos.tobytes()
+    from settings import ConfigError
+
+    with pytest.raises(ConfigError, match="resample"):
+        DecodeSettings(resample="nearest").check()
+
+
 # --------------------------------------------------------------------------- stored bytes
 
 
@@ -313,3 +357,15 @@ def test_read_bytes_over_max_bytes_is_too_large(tmp_path: Path) -> None:
         read_bytes(ref, 1000)
     assert caught.value.reason == "too_large"
     assert read_bytes(ref, 1001)[0] == b"\0" * 1001
+
+
+@pytest.mark.parametrize("fmt, size", [("JPEG", (80, 64)), ("PNG", (80, 64)), ("PNG", (300, 150)),
+                                       ("JPEG", (300, 150))])
+def test_pixels_handed_on_are_those_of_the_stored_bytes(fmt: str, size: tuple[int, int]) -> None:
+    """Later stages use the decoded pixels without decoding the stored image again only when
+    they are exactly its pixels (kept JPEG bytes, lossless PNG); a re-encoded JPEG hands on none."""
+    decoded = decode(_encode(_noise_rgb(*size), fmt), DecodeSettings(max_side=128, min_side=16))
+    if decoded.pixels is None:
+        assert fmt == "JPEG" and decoded.data[:2] == b"\xff\xd8" and size[0] > 128
+    else:
+        np.testing.assert_array_equal(decoded.pixels, np.asarray(_stored(decoded).convert("RGB")))

@@ -91,3 +91,26 @@ def test_provenance_is_stored_once_and_resolved_by_id() -> None:
     assert provenance_id("captioner", {"name": "attributes"}) == CAP
     assert provenance_id("captioner", {"name": "attributes", "v": 1}) != CAP
     assert CAP.startswith("c-") and SEG.startswith("s-")
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda r: r.pop("key"), lambda r: r.__setitem__("key", "a.b"),
+    lambda r: r["image"].__setitem__("width", "30"), lambda r: r["regions"][1].__setitem__("level", "part"),
+    lambda r: r["image"].__setitem__("extra", 1), lambda r: r.__setitem__("schema_version", "1"),
+    lambda r: r["provenance"]["annotators"].__setitem__("x-1", {}),
+    lambda r: r["regions"][0].__setitem__("bbox", [1, 2, 3]),
+    lambda r: r["regions"][0]["provenance"].__setitem__("captioner", {"name": "x"}),
+])
+def test_the_fast_check_rejects_what_the_full_schema_rejects(mutate) -> None:
+    """Records are checked with the compiled schema as they are assembled; it must not let through
+    what jsonschema (which names the errors) rejects."""
+    import fastjsonschema
+
+    from schemas import validation
+
+    validation._fast_check()(_record())
+    record = copy.deepcopy(_record())
+    mutate(record)
+    assert list(validation._validator().iter_errors(record))
+    with pytest.raises(fastjsonschema.JsonSchemaException):
+        validation._fast_check()(record)
