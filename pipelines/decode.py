@@ -101,15 +101,16 @@ def _load(image: Image.Image) -> Image.Image:
 def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
     """16/32-bit integer and float images: scale to 8 bits instead of clipping."""
     array = np.asarray(image)
-    if image.mode == "F":
+    if image.mode == "F":   # float32 throughout: 4 bytes per pixel, not float64's 8
         top = float(np.nanmax(array)) if array.size else 1.0
-        scaled = np.clip(np.nan_to_num(array) / (top if top > 1.0 else 1.0), 0, 1) * 255.0
-    elif image.mode.startswith("I;16"):   # 16 bits by definition, whatever the values
-        scaled = array.astype(np.float64) / 257.0
+        scaled = np.clip(np.nan_to_num(array) / np.float32(top if top > 1.0 else 1.0), 0, 1) * np.float32(255)
+        grey = np.rint(scaled).astype(np.uint8)
+    elif image.mode.startswith("I;16") or array.max(initial=0) > 255:
+        # 16 bits (by mode, or by value for 32-bit "I"): round(x / 257) in integers, no float copy
+        grey = ((np.clip(array, 0, 65535).astype(np.uint32) + 128) // 257).astype(np.uint8)
     else:
-        scaled = array.astype(np.float64) / 257.0 if array.max(initial=0) > 255 else array
-    grey = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
-    return grey.convert("RGB")
+        grey = np.clip(array, 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
 
 
 def to_rgb(image: Image.Image) -> tuple[Image.Image, dict[str, Any]]:
@@ -165,9 +166,11 @@ def decode(data: bytes, settings: DecodeSettings) -> Decoded:
     image = _load(image)
     info: dict[str, Any] = {}
     # exif_transpose copies the image even when there is nothing to do: ask first
-    transposed = ImageOps.exif_transpose(image) if _has_orientation(image) else None
+    orientation = _orientation(image)
+    transposed = ImageOps.exif_transpose(image) if orientation != 1 else None
     if transposed is not None:
         info["exif_transposed"] = True
+        info["exif_orientation"] = orientation
     swapped = transposed is not None and transposed.size != image.size
     image = transposed if transposed is not None else image
     rgb, mode_info = to_rgb(image)
@@ -199,8 +202,10 @@ def decode(data: bytes, settings: DecodeSettings) -> Decoded:
                    None if lossy else np.asarray(resized))
 
 
-def _has_orientation(image: Image.Image) -> bool:
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8; 1 = upright, also when absent or unreadable)."""
     try:
-        return image.getexif().get(0x0112, 1) not in (1, None)
+        value = image.getexif().get(0x0112, 1)
     except Exception:
-        return False
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1

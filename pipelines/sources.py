@@ -176,10 +176,28 @@ def manifest_ref(path: str, row: Any, where: str) -> ImageRef:
                     dataset=row.get("dataset") or None, given=given)
 
 
+# A manifest row above this is refused before it is parsed or carried through the pipeline
+# (e.g. a masks cell of 100 MB); real rows, even SA-1B images with hundreds of masks, are far below.
+MAX_ROW_BYTES = 16 * 1024 * 1024
+_KEY_AT_START = re.compile(r'\s*\{\s*"key"\s*:\s*"([^"]{1,200})"')
+
+
+def _row_too_large(path: str, size: int, key: str | None, where: str) -> ImageRef:
+    name = safe_key(key) if key else safe_key(f"{posixpath.basename(path)}-{where}")
+    return invalid_ref(name, f"{path}#{where}", "row_too_large",
+                       f"manifest row of {size} bytes > {MAX_ROW_BYTES}; split its annotations "
+                       f"into per-image files (e.g. 'sa1b' or 'coco' columns)")
+
+
 def jsonl_ref(path_and_line: tuple[str, str]) -> Iterator[ImageRef]:
     """One line of a .jsonl manifest (blank lines are skipped)."""
     path, line = path_and_line
     if not line.strip():
+        return
+    if len(line) > MAX_ROW_BYTES:
+        found = _KEY_AT_START.match(line[:1000])
+        digest = hashlib.sha1(line.encode()).hexdigest()[:10]
+        yield _row_too_large(path, len(line), found.group(1) if found else None, f"line-{digest}")
         return
     try:
         row = json.loads(line)
@@ -195,15 +213,24 @@ def jsonl_ref(path_and_line: tuple[str, str]) -> Iterator[ImageRef]:
 
 def csv_refs(path: str) -> Iterator[ImageRef]:
     """Rows of one .csv manifest, streamed."""
+    csv.field_size_limit(2**31 - 1)   # the size check below names a huge row; csv's own limit crashes
     with FileSystems.open(path) as handle:
         text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
         for number, row in enumerate(csv.DictReader(text), 1):
-            yield manifest_ref(path, row, f"row {number}")
+            size = sum(len(v) for v in row.values() if isinstance(v, str))
+            if size > MAX_ROW_BYTES:
+                yield _row_too_large(path, size, row.get("key"), f"row-{number}")
+            else:
+                yield manifest_ref(path, row, f"row {number}")
 
 
 def parquet_ref(path_and_row: tuple[str, dict[str, Any]]) -> ImageRef:
     """One row of a .parquet manifest."""
     path, row = path_and_row
+    size = sum(len(v) for v in row.values() if isinstance(v, (str, bytes)))
+    if size > MAX_ROW_BYTES:
+        return _row_too_large(path, size, str(row.get("key") or "") or None,
+                              f"row-{hashlib.sha1(repr(sorted(row)).encode()).hexdigest()[:10]}")
     where = f"row key={row.get('key')!r}" if row.get("key") not in (None, "") else \
         f"row path={row.get('path') or row.get('uri')!r}"
     return manifest_ref(path, row, where)
@@ -218,9 +245,16 @@ def check_spec(spec: str) -> str:
         return "synthetic"
     lowered = spec.lower()
     wildcard = bool(_WILDCARD.search(spec))
-    if not wildcard and not FileSystems.exists(spec):
+    if not wildcard and not _probe(spec, lambda: FileSystems.exists(spec)):
         raise ConfigError(f"--input: '{spec}' does not exist; give a directory, glob, manifest "
                           f"(.jsonl/.csv/.parquet), .tar shards, 'samples' or synthetic://N")
+    # list one entry now: a listing that fails (permissions, credentials, network) must stop the
+    # run naming the cause, not look like an input with no images
+    pattern = FileSystems.join(spec.rstrip("/"), "*") if not wildcard and not is_image(spec) and \
+        not lowered.endswith((".tar", *MANIFEST_EXTENSIONS)) else spec
+    _probe(spec, lambda: FileSystems.match([pattern], limits=[1]))
+    if "://" not in spec and os.path.isdir(spec) and not os.access(spec, os.R_OK | os.X_OK):
+        raise ConfigError(f"--input: cannot list '{spec}': permission denied")
     for ext in MANIFEST_EXTENSIONS:
         if lowered.endswith(ext):
             return ext.lstrip(".")
@@ -229,6 +263,18 @@ def check_spec(spec: str) -> str:
     if wildcard:
         return "glob"
     return "file" if is_image(spec) else "directory"
+
+
+def _probe(spec: str, call: Any) -> Any:
+    """``call()``; any error of the filesystem becomes a ConfigError naming the input and cause."""
+    try:
+        return call()
+    except Exception as exc:
+        cause = exc
+        details = getattr(exc, "exception_details", None)
+        if isinstance(details, dict) and details:
+            cause = next(iter(details.values()))
+        raise ConfigError(f"--input: cannot list '{spec}': {type(cause).__name__}: {cause}") from exc
 
 
 class ReadInputs(beam.PTransform):
@@ -289,10 +335,7 @@ def list_inputs(spec: str) -> list[ImageRef]:
     else:
         pattern = FileSystems.join(spec.rstrip("/"), "**") if kind == "directory" else spec
         root = spec.rstrip("/") + "/" if kind == "directory" else glob_root(spec)
-        try:
-            paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-        except Exception:   # BeamIOError when nothing matches
-            paths = []
+        paths = sorted(m.path for m in _probe(spec, lambda: FileSystems.match([pattern]))[0].metadata_list)
         refs = _list_kind(kind, paths, root)
     return sorted(refs, key=lambda r: (r.key, r.uri))
 

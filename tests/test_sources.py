@@ -319,3 +319,83 @@ def test_a_key_used_by_two_inputs_is_one_sample_and_one_failure() -> None:
                "status": "written"}
     out = _plan("cat", [_ref("cat", "/a/cat.png"), _ref("cat", "/z/cat.png")], [written])
     assert out["new"] == [] and [f.source for f in out[FAILED]] == ["/a/cat.png"]   # written one keeps it
+
+
+def _denied_filesystem() -> None:
+    """Registers a Beam filesystem ``denied://`` whose listing fails like a bucket without access."""
+    from apache_beam.io.filesystem import BeamIOError, FileSystem
+
+    if any(getattr(c, "scheme", lambda: None)() == "denied" for c in FileSystem.__subclasses__()):
+        return
+
+    class Denied(FileSystem):   # only what listing touches is implemented
+        @classmethod
+        def scheme(cls) -> str:
+            return "denied"
+
+        def exists(self, path: str) -> bool:
+            return True
+
+        def match(self, patterns, limits=None):
+            raise BeamIOError("Match operation failed", {
+                p: PermissionError(f"403 caller does not have storage.objects.list access to {p}")
+                for p in patterns})
+
+        def __getattr__(self, name: str):   # every other operation: not reached by listing
+            raise NotImplementedError(name)
+
+    for name in ("join", "split", "mkdirs", "has_dirs", "create", "open", "copy", "rename", "size",
+                 "last_updated", "checksum", "delete", "_list"):
+        if name in Denied.__abstractmethods__:
+            setattr(Denied, name, lambda self, *a, **k: (_ for _ in ()).throw(NotImplementedError()))
+    Denied.join = lambda self, base, *paths: "/".join([base.rstrip("/"), *paths])
+    Denied.__abstractmethods__ = frozenset()
+
+
+@pytest.mark.parametrize("spec", ["denied://bucket/photos", "denied://bucket/photos/*.jpg",
+                                  "denied://bucket/manifest.jsonl"])
+def test_a_listing_error_stops_the_run_naming_the_path_and_cause(spec: str) -> None:
+    """Permissions, credentials or network failing while listing is an error, not 'no images'."""
+    _denied_filesystem()
+    from pipelines.sources import check_spec
+
+    with pytest.raises(ConfigError, match=re.escape(f"cannot list '{spec}'") + ".*PermissionError: 403"):
+        check_spec(spec)
+    with pytest.raises(ConfigError, match="cannot list"):
+        list_inputs(spec)
+
+
+def test_an_unreadable_directory_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from pipelines.sources import check_spec
+
+    (tmp_path / "in").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "in") else real_access(p, mode))
+    with pytest.raises(ConfigError, match="cannot list .*permission denied"):
+        check_spec(str(tmp_path / "in"))
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
+def test_a_huge_manifest_row_becomes_a_named_failure(tmp_path: Path, kind: str) -> None:
+    from pipelines.sources import MAX_ROW_BYTES
+
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    huge = json.dumps([{"size": [40, 40], "counts": "x" * (MAX_ROW_BYTES + 10)}])
+    rows = [{"key": "big", "path": "a.png", "masks": huge}, {"key": "fine", "path": "a.png"}]
+    manifest = tmp_path / f"m.{kind}"
+    if kind == "jsonl":
+        manifest.write_text("\n".join(json.dumps(dict(r, masks=json.loads(r["masks"])) if "masks" in r else r)
+                                      for r in rows))
+    elif kind == "csv":
+        with manifest.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["key", "path", "masks"])
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        pq.write_table(pa.Table.from_pylist([dict(r, masks=r.get("masks", "")) for r in rows]), manifest)
+    refs = {r.key: r for r in list_inputs(str(manifest))}
+    assert set(refs) == {"big", "fine"}
+    assert refs["big"].loader["kind"] == "invalid" and refs["big"].loader["reason"] == "row_too_large"
+    assert refs["fine"].loader["kind"] == "file"
