@@ -119,6 +119,7 @@ class Segment(beam.DoFn):
         given = dict(item.ref.given or {})
         given["original_size"] = (item.image_info.get("original_height", item.height),
                                   item.image_info.get("original_width", item.width))
+        given["orientation"] = item.image_info.get("exif_orientation", 1)
         if item.ground_truth and "masks" not in given:
             given["masks"] = [obj["mask"] for obj in item.ground_truth]
         return SegmentInput(item.ref.key, _rgb(item), given)

@@ -71,6 +71,8 @@ RECORD = F("object", "One image with its text at every granularity.", fields={
         "original_height": F("integer", "Height of the decoded input before resizing.", required=False),
         "source_mode": F("string", "Pillow mode of the input (RGB, CMYK, I;16, P, ...).", required=False),
         "exif_transposed": F("boolean", "EXIF orientation was applied.", required=False),
+        "exif_orientation": F("integer", "The input's EXIF orientation (2-8) that was applied.",
+                              required=False, extra={"minimum": 1, "maximum": 8}),
         "alpha_flattened": F("boolean", "The input had transparency; it was composited over white.",
                              required=False),
         "animated": F("boolean", "The input had several frames; the first one is stored.",
