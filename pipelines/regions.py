@@ -66,27 +66,88 @@ def _score(c: Candidate) -> float:
 def _dedup(cands: list[Candidate], settings: RegionSettings, dropped: Counter) -> list[Candidate]:
     """Near-duplicates merge into the best-scored one (ties: larger, then earlier)."""
     order = sorted(range(len(cands)), key=lambda i: (-_score(cands[i]), -cands[i].area, i))
-    masked = [i for i in order if cands[i].rle is not None]
-    ious = rle.iou([cands[i].rle for i in masked], [cands[i].rle for i in masked]) if masked else None
-    pos = {i: n for n, i in enumerate(masked)}
+    near = _near_duplicate_masks(cands, settings.dedup_iou)
     kept: list[int] = []
-    for i in order:
-        dup = False
-        for j in kept:
-            if cands[i].rle is not None and cands[j].rle is not None:
-                overlap = float(ious[pos[i], pos[j]])
-            elif cands[i].rle is None and cands[j].rle is None:
-                overlap = _box_iou(cands[i].bbox, cands[j].bbox)
-            else:
-                continue
-            if overlap > settings.dedup_iou:
-                dup = True
-                break
+    kept_masks: set[int] = set()
+    kept_boxes: list[int] = []
+    for i in order:   # masks are compared with masks, boxes with boxes
+        if cands[i].rle is not None:
+            dup = not near.get(i, set()).isdisjoint(kept_masks)
+        else:
+            dup = any(_box_iou(cands[i].bbox, cands[j].bbox) > settings.dedup_iou for j in kept_boxes)
         if dup:
             dropped["duplicate"] += 1
+            continue
+        kept.append(i)
+        if cands[i].rle is not None:
+            kept_masks.add(i)
         else:
-            kept.append(i)
+            kept_boxes.append(i)
     return [cands[i] for i in sorted(kept)]
+
+
+_BLOCK = 512   # rows of a pairwise matrix held at once: memory stays O(n), not O(n^2), per block
+
+
+def _pair_overlaps(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Pixels shared by each [x, y, w, h] box of ``rows`` with each of ``cols``."""
+    x0, y0, x1, y1 = rows[:, 0, None], rows[:, 1, None], (rows[:, 0] + rows[:, 2])[:, None], \
+        (rows[:, 1] + rows[:, 3])[:, None]
+    iw = np.minimum(x1, cols[:, 0] + cols[:, 2]) - np.maximum(x0, cols[:, 0])
+    ih = np.minimum(y1, cols[:, 1] + cols[:, 3]) - np.maximum(y0, cols[:, 1])
+    return np.clip(iw, 0, None) * np.clip(ih, 0, None)
+
+
+def _tight_boxes(cands: list[Candidate], indices: list[int]) -> np.ndarray:
+    """The masks' own [x, y, w, h] (a candidate's ``bbox`` need not be tight)."""
+    return np.array(rle.bboxes([cands[i].rle for i in indices]), np.float64).reshape(-1, 4)
+
+
+def _near_duplicate_masks(cands: list[Candidate], dedup_iou: float) -> dict[int, set[int]]:
+    """Pairs of masks whose IoU passes ``dedup_iou``, as a map from each to the others.
+
+    IoU is at most min(shared box pixels, either area) / the larger area, so only pairs whose
+    bound passes are measured (by pycocotools, as before); the rest cannot be duplicates.
+    """
+    masked = [i for i, c in enumerate(cands) if c.rle is not None]
+    if len(masked) < 2:
+        return {}
+    rles = [cands[i].rle for i in masked]
+    boxes = _tight_boxes(cands, masked)
+    areas = np.array(rle.areas(rles), np.float64)
+    near: dict[int, set[int]] = {}
+    for lo in range(0, len(masked), _BLOCK):
+        block = slice(lo, lo + _BLOCK)
+        shared = np.minimum(_pair_overlaps(boxes[block], boxes),
+                            np.minimum(areas[block, None], areas[None, :]))
+        larger = np.maximum(areas[block, None], areas[None, :])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bound = np.where(larger > 0, shared / larger, np.inf)
+        for a, b in np.argwhere(bound > dedup_iou):
+            a += lo
+            if b > a and float(rle.iou([rles[a]], [rles[b]])[0, 0]) > dedup_iou:
+                near.setdefault(masked[a], set()).add(masked[b])
+                near.setdefault(masked[b], set()).add(masked[a])
+    return near
+
+
+def _maybe_inside(cands: list[Candidate], contain_frac: float) -> np.ndarray:
+    """(n, n) booleans: whether candidate j may be the parent of candidate i — larger, of the
+    same kind (mask or box) and, for masks, with enough shared pixels of the tight boxes to hold
+    ``contain_frac`` of i (they bound the masks' shared pixels)."""
+    area = np.array([c.area for c in cands], np.float64)
+    is_mask = np.array([c.rle is not None for c in cands], bool)
+    masked = np.flatnonzero(is_mask)
+    boxes = np.zeros((len(cands), 4))
+    if masked.size:
+        boxes[masked] = _tight_boxes(cands, list(masked))
+    maybe = np.empty((len(cands), len(cands)), bool)
+    for lo in range(0, len(cands), _BLOCK):
+        block = slice(lo, lo + _BLOCK)
+        rows = (area[None, :] > area[block, None]) & (is_mask[None, :] == is_mask[block, None])
+        enough = _pair_overlaps(boxes[block], boxes) / np.maximum(area[block], 1.0)[:, None] >= contain_frac
+        maybe[block] = rows & (enough | ~is_mask[block, None])   # boxes: no bound, checked exactly
+    return maybe
 
 
 def _containment(child: Candidate, parent: Candidate) -> float:
@@ -98,21 +159,23 @@ def _containment(child: Candidate, parent: Candidate) -> float:
 def _build_tree(cands: list[Candidate], settings: RegionSettings, dropped: Counter) -> list[_Node]:
     """Largest first; each candidate's parent is the smallest earlier one containing it."""
     order = sorted(range(len(cands)), key=lambda i: (-cands[i].area, cands[i].bbox, i))
+    maybe = _maybe_inside(cands, settings.contain_frac)
     nodes: list[_Node] = []
+    node_cands = np.zeros(len(cands), np.int64)   # candidate index of each node so far
     for i in order:
         c = cands[i]
         parent = None
-        for n in reversed(range(len(nodes))):   # later nodes are smaller: first hit is smallest
-            p = nodes[n].cand
-            if p.area > c.area and (p.rle is None) == (c.rle is None) and \
-                    _containment(c, p) >= settings.contain_frac:
-                parent = n
+        # later nodes are smaller: the first hit from the end is the smallest container
+        for n in np.flatnonzero(maybe[i, node_cands[:len(nodes)]])[::-1]:
+            if _containment(c, nodes[n].cand) >= settings.contain_frac:
+                parent = int(n)
                 break
         parent_node = nodes[parent] if parent is not None else None
         depth = parent_node.depth + 1 if parent_node is not None else 0
         if depth >= settings.max_depth:
             dropped["too_deep"] += 1
             continue
+        node_cands[len(nodes)] = i
         nodes.append(_Node(i, c, parent_node, depth))
     return nodes
 
@@ -138,12 +201,19 @@ def _apply_limits(nodes: list[_Node], settings: RegionSettings, dropped: Counter
     return kept
 
 
-def _mean_rgb(rgb: np.ndarray, cand: Candidate) -> list[float]:
-    if cand.rle is not None:
-        pixels = rgb[rle.decode(cand.rle)]
-    else:
-        x, y, w, h = (int(round(v)) for v in cand.bbox)
-        pixels = rgb[y:y + max(h, 1), x:x + max(w, 1)].reshape(-1, 3)
+def _mean_rgb(rgb: np.ndarray, cand: Candidate, sums: rle.RunSums | None,
+              runs: tuple[np.ndarray, np.ndarray] | None) -> list[float]:
+    if cand.rle is not None and sums is not None and runs is not None:
+        if list(cand.rle["size"]) != list(rgb.shape[:2]):
+            raise ValueError(f"mask size {cand.rle['size']} is not the image's {list(rgb.shape[:2])}")
+        # exact integer sums over the mask's runs: the same mean as over its decoded pixels
+        starts, ends = runs
+        count = int((ends - starts).sum())
+        if count == 0:
+            return [0.0, 0.0, 0.0]
+        return [round(float(v) / count, 2) for v in sums.over_runs(starts, ends)]
+    x, y, w, h = (int(round(v)) for v in cand.bbox)
+    pixels = rgb[y:y + max(h, 1), x:x + max(w, 1)].reshape(-1, 3)
     return [round(float(v), 2) for v in pixels.mean(axis=0)] if len(pixels) else [0.0, 0.0, 0.0]
 
 
@@ -158,9 +228,14 @@ def select_regions(cands: list[Candidate], rgb: np.ndarray,
     views: list[RegionView] = []
     ids: dict[int, str] = {}
     n_box = n_pix = 0
+    # every mask's mean colour from its runs: one parse of all masks, one pass over the image
+    masked = [node for node in nodes if node.cand.rle is not None]
+    runs = {id(n): r for n, r in zip(masked, rle.runs_many([n.cand.rle for n in masked]))}
+    sums = rle.RunSums([rgb[..., 0], rgb[..., 1], rgb[..., 2]]) if masked else None
     for node in nodes:
         c = node.cand
-        stats = {"mean_rgb": _mean_rgb(rgb, c), "depth": node.depth, "source": c.source}
+        stats = {"mean_rgb": _mean_rgb(rgb, c, sums, runs.get(id(node))), "depth": node.depth,
+                 "source": c.source}
         parent_id = ids[id(node.parent)] if node.parent is not None else None
         if c.rle is None:
             n_box += 1

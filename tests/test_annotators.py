@@ -81,6 +81,32 @@ def test_given_rescales_to_the_stored_image() -> None:
     assert box_c.rle is None and box_c.bbox == [15.0, 5.0, 10.0, 5.0]
 
 
+def _drawn_resize(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The reference: draw the mask and resize it with Pillow's NEAREST."""
+    from PIL import Image
+
+    image = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
+    return np.asarray(image) > 127
+
+
+@pytest.mark.parametrize("source, target", [((960, 1280), (768, 1024)), ((2048, 1536), (1024, 768)),
+                                            ((40, 60), (20, 30)), ((37, 53), (100, 71)), ((300, 200), (7, 5)),
+                                            ((64, 64), (64, 50))])
+def test_given_masks_are_rescaled_on_their_runs_like_a_drawn_resize(source, target) -> None:
+    from annotators.segment.frame import rescale_mask as _rescale_mask
+
+    rng = np.random.default_rng(sum(source) + sum(target))
+    h, w = source
+    yy, xx = np.mgrid[0:h, 0:w]
+    shapes = [np.zeros((h, w), bool), np.ones((h, w), bool),            # empty, full frame
+              (yy < h // 3),                                              # runs that wrap columns
+              ((xx - w / 2) ** 2 / (w / 3) ** 2 + (yy - h / 2) ** 2 / (h / 4) ** 2) <= 1]
+    shapes += [rng.random((h, w)) < 0.3 for _ in range(2)]                  # noise: many short runs
+    for mask in shapes:
+        got = masks.decode(_rescale_mask(masks.encode(mask), *target))
+        np.testing.assert_array_equal(got, _drawn_resize(mask, *target))
+
+
 def test_registry_and_settings_errors(tmp_path) -> None:
     with pytest.raises(ConfigError, match="segmenter.name: unknown segmenter 'foo'; use one of"):
         build_segmenter({"name": "foo"})

@@ -23,6 +23,7 @@ from segment_anything.utils.amg import mask_to_rle_pytorch
 from annotators.base import AnnotatorFailure, SegmentInput, SegmentOutput
 from annotators.registry import build_segmenter
 from annotators.segment import masks, sam_fast
+from annotators.segment.frame import InputFrame
 from annotators.segment.sam import SamAutoSegmenter, SamBoxesSegmenter
 from annotators.segment.sam_model import build_tiny_sam
 from bench import sam_bench
@@ -410,6 +411,35 @@ def test_sam_boxes_without_boxes_or_with_bad_ones(image: np.ndarray) -> None:
     out = run_one(segmenter, image, {"boxes": [[10, 10, 0, 5], [300, 300, 5, 5], [10, 10, 40, 40]]})
     assert [c.scores["given_box"] for c in out.candidates] == [2]
     assert out.dropped["bad_box"] == 2
+
+
+def test_sam_boxes_prompts_with_boxes_mapped_to_the_stored_image(image: np.ndarray,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A box from a 4× larger original reaches SAM scaled to the stored image (not clipped), and
+    many boxes are decoded in slices of ``boxes_per_call`` after one image encoding."""
+    seen: list[list[float]] = []
+    sizes: list[int] = []
+    predict_torch, map_box = SamPredictor.predict_torch, InputFrame.box
+
+    def spy_predict(self: SamPredictor, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(kwargs["boxes"].shape[0])
+        return predict_torch(self, *args, **kwargs)
+
+    def spy_box(self: Any, box: Any, frame: str = "displayed") -> Any:
+        mapped = map_box(self, box, frame)
+        seen.append(mapped)
+        return mapped
+
+    monkeypatch.setattr(SamPredictor, "predict_torch", spy_predict)
+    monkeypatch.setattr(InputFrame, "box", spy_box, raising=True)
+    height, width = image.shape[:2]                      # stored 128 × 160; the original was 4×
+    segmenter = SamBoxesSegmenter({"model_type": "tiny", "device": "cpu", "boxes_per_call": 2})
+    boxes = [[200, 80, 240, 160], [0, 0, 640, 512], [600, 500, 100, 100], [40, 40, 80, 40], [4, 4, 8, 8]]
+    out = run_one(segmenter, image, {"boxes": boxes, "original_size": (height * 4, width * 4)})
+    assert seen[:2] == [[50.0, 20.0, 60.0, 40.0], [0.0, 0.0, 160.0, 128.0]]
+    assert seen[2] == [150.0, 125.0, 10.0, 3.0]          # clipped at the stored image's edge
+    assert sizes == [2, 2, 1]                              # 5 boxes, 2 per decoder call
+    assert [c.scores["given_box"] for c in out.candidates] == [0, 1, 2, 3, 4]
 
 
 # --------------------------------------------------------------------------- benchmark

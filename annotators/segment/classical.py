@@ -47,31 +47,41 @@ class ClassicalSegmenter(Segmenter):
     def segment_batch(self, images: list[SegmentInput]) -> list[SegmentOutput | AnnotatorFailure]:
         return self.each_image(images, lambda item: self._segment(item.rgb), "segmenter_error")
 
-    def _levels(self, small: np.ndarray) -> list[np.ndarray]:
+    def _levels(self, small: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Fine segments of ``small`` and, per level (coarse first), the level's label of each
+        fine segment."""
         from skimage import segmentation
 
         s = self.settings
         min_size = max(4, int(s.min_size_frac * small.shape[0] * small.shape[1]))
         fine = segmentation.felzenszwalb(small, scale=s.scale, sigma=s.sigma, min_size=min_size)
         pairs, weights = _adjacency(small, fine)
-        mid = _merge_below(fine, pairs, weights, s.mid_threshold)
-        coarse = _merge_below(fine, pairs, weights, s.coarse_threshold)
-        return [coarse, mid, fine][: s.levels]
+        n = int(fine.max()) + 1
+        mid = _components(n, pairs, weights, s.mid_threshold)
+        coarse = _components(n, pairs, weights, s.coarse_threshold)
+        return fine, [coarse, mid, np.arange(n)][: s.levels]
 
     def _segment(self, rgb: np.ndarray) -> SegmentOutput:
         height, width = rgb.shape[:2]
         scale = min(1.0, self.settings.work_side / max(height, width))
         small_size = (max(1, round(width * scale)), max(1, round(height * scale)))
         small = np.asarray(Image.fromarray(rgb).resize(small_size, Image.Resampling.BILINEAR))
+        fine, lookups = self._levels(small)
+        full = np.asarray(Image.fromarray(fine.astype(np.int32), mode="I").resize(
+            (width, height), Image.Resampling.NEAREST))
+        # A level's label image is lookup[fine], and a nearest-neighbour upscale commutes with
+        # that, so every level is encoded from the runs of the one upscaled fine image: runs that
+        # fall in the same segment of the level join.
+        starts, ends, fine_values = rle.label_runs(full)
         candidates: list[Candidate] = []
-        for level, labels in enumerate(self._levels(small)):
-            full = np.asarray(Image.fromarray(labels.astype(np.int32), mode="I").resize(
-                (width, height), Image.Resampling.NEAREST))
-            for value in np.unique(full):
-                mask = full == value
-                encoded = rle.encode(mask)
-                candidates.append(Candidate(bbox=rle.bbox(encoded), area=float(mask.sum()),
-                                            rle=encoded, scores={}, source=f"classical:level{level}"))
+        for level, lookup in enumerate(lookups):
+            values = lookup[fine_values]
+            first = np.concatenate(([True], values[1:] != values[:-1]))
+            last = np.concatenate((first[1:], [True]))
+            _, encoded, areas = rle.encode_runs(starts[first], ends[last], values[first], height, width)
+            for mask, box, area in zip(encoded, rle.bboxes(encoded), areas):
+                candidates.append(Candidate(bbox=box, area=float(area), rle=mask, scores={},
+                                            source=f"classical:level{level}"))
         return SegmentOutput(candidates=candidates)
 
 
@@ -88,7 +98,10 @@ def _adjacency(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
     b = np.concatenate([labels[:, 1:].ravel(), labels[1:, :].ravel(),
                         labels[1:, 1:].ravel(), labels[1:, :-1].ravel()])
     differ = a != b
-    pairs = np.unique(np.sort(np.stack([a[differ], b[differ]], axis=1), axis=1), axis=0)
+    low, high = np.minimum(a, b)[differ], np.maximum(a, b)[differ]
+    # unique (low, high) rows in lexicographic order, through one integer key per pair
+    keys = np.unique(low.astype(np.int64) * n + high)
+    pairs = np.stack([keys // n, keys % n], axis=1).astype(labels.dtype)
     weights = np.linalg.norm(means[pairs[:, 0]] - means[pairs[:, 1]], axis=1)
     return pairs, weights
 
@@ -97,11 +110,14 @@ def _merge_below(labels: np.ndarray, pairs: np.ndarray, weights: np.ndarray,
                  threshold: float) -> np.ndarray:
     """Join neighbouring regions whose edge weight is below ``threshold`` (connected components
     of the thresholded graph, as skimage's ``cut_threshold``); returns the merged label image."""
+    return _components(int(labels.max()) + 1, pairs, weights, threshold)[labels]
+
+
+def _components(n: int, pairs: np.ndarray, weights: np.ndarray, threshold: float) -> np.ndarray:
+    """The merged label of each of ``n`` regions (see ``_merge_below``)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    n = int(labels.max()) + 1
     keep = pairs[weights < threshold]
     graph = coo_matrix((np.ones(len(keep)), (keep[:, 0], keep[:, 1])), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
-    return component[labels]
+    return connected_components(graph, directed=False)[1]

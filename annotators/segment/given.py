@@ -12,12 +12,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from PIL import Image
 
 from annotators.base import AnnotatorFailure, Candidate, SegmentInput, SegmentOutput, Segmenter
 from annotators.segment import masks as rle
+from annotators.segment.frame import FRAMES, InputFrame
+from settings import require
 
 
 @dataclass
@@ -27,6 +27,12 @@ class GivenSettings:
     use_boxes: bool = True
     use_masks: bool = True
     boxes_from_masks: bool = False   # also keep the mask-less box of every given mask
+    # which image the annotations' pixels refer to: "displayed" (EXIF orientation applied, as
+    # viewers show it) or "raw" (the file's pixel rows, as loaders that ignore EXIF read it)
+    frame: str = "displayed"
+
+    def check(self) -> None:
+        require(self.frame in FRAMES, "frame", f"must be one of {', '.join(FRAMES)}")
 
 
 @functools.lru_cache(maxsize=4)
@@ -45,21 +51,6 @@ def _coco_index(path: str) -> dict[Any, list[dict]]:
         index.setdefault(ann["image_id"], []).append(ann)
         index.setdefault(str(ann["image_id"]), []).append(ann)
     return index
-
-
-def _rescale_mask(encoded: dict, height: int, width: int) -> dict:
-    encoded = rle.normalize(encoded)
-    if list(encoded["size"]) == [height, width]:
-        return encoded
-    mask = Image.fromarray(rle.decode(encoded).astype(np.uint8) * 255)
-    return rle.encode(np.asarray(mask.resize((width, height), Image.Resampling.NEAREST)) > 127)
-
-
-def _rescale_box(box: list[float], sx: float, sy: float, width: int, height: int) -> list[float]:
-    x, y, w, h = (float(v) for v in box)
-    x0, y0 = max(0.0, x * sx), max(0.0, y * sy)
-    x1, y1 = min(float(width), (x + w) * sx), min(float(height), (y + h) * sy)
-    return [x0, y0, max(0.0, x1 - x0), max(0.0, y1 - y0)]
 
 
 def _sa1b_masks(path: str) -> list[tuple[dict, dict[str, float]]]:
@@ -97,8 +88,7 @@ class GivenSegmenter(Segmenter):
     def _one(self, item: SegmentInput) -> SegmentOutput:
         given = item.given or {}
         height, width = item.rgb.shape[:2]
-        orig_h, orig_w = given.get("original_size", (height, width))
-        sx, sy = width / orig_w, height / orig_h
+        frame = InputFrame.of(given, height, width)
         candidates: list[Candidate] = []
         masks: list[tuple[dict, dict[str, float], str]] = []
         if self.settings.use_masks:
@@ -109,7 +99,7 @@ class GivenSegmenter(Segmenter):
                 masks += [(m, s, "given:coco") for m, s in _coco_masks(given["coco"], given.get("image_id"))]
         dropped: dict[str, int] = {}
         for encoded, scores, source in masks:
-            encoded = _rescale_mask(encoded, height, width)
+            encoded = frame.mask(encoded, self.settings.frame)
             area = rle.area(encoded)
             if area == 0:
                 dropped["empty_mask"] = dropped.get("empty_mask", 0) + 1
@@ -120,8 +110,8 @@ class GivenSegmenter(Segmenter):
                 candidates.append(Candidate(box, box[2] * box[3], None, scores, source + ":box"))
         if self.settings.use_boxes:
             for box in given.get("boxes", []):
-                scaled = _rescale_box(box, sx, sy, width, height)
-                if scaled[2] <= 0 or scaled[3] <= 0:
+                scaled = frame.box(box, self.settings.frame)
+                if scaled is None:
                     dropped["empty_box"] = dropped.get("empty_box", 0) + 1
                     continue
                 candidates.append(Candidate(scaled, scaled[2] * scaled[3], None, {}, "given:boxes"))

@@ -24,6 +24,7 @@ from segment_anything.utils.amg import MaskData
 from annotators.base import AnnotatorFailure, Candidate, Segmenter, SegmentInput, SegmentOutput
 from annotators.devices import device_name, torch_device
 from annotators.segment import masks
+from annotators.segment.frame import InputFrame
 from annotators.segment.sam_fast import (
     FastMaskGenerator,
     fast_points_per_batch,
@@ -326,12 +327,13 @@ class SamBoxesSegmenter(_SamSegmenter):
         if not given:
             return SegmentOutput([], {"no_boxes": 1})
         height, width = item.rgb.shape[:2]
-        boxes = [(i, _clip_box(box, width, height)) for i, box in enumerate(given)]
+        frame = InputFrame.of(item.given, height, width)
+        boxes = [(i, frame.box(box, self.settings.frame)) for i, box in enumerate(given)]
         valid = [(i, box) for i, box in boxes if box is not None]
         dropped = {"bad_box": len(boxes) - len(valid)} if len(valid) < len(boxes) else {}
         if not valid:
             return SegmentOutput([], dropped)
-        rles, ious = self._predict(item.rgb, [box for _, box in valid])
+        rles, ious = self._predict(item.rgb, [box for _, box in valid], self.settings.boxes_per_call)
         candidates = [_box_candidate(index, box, rle, iou)
                       for (index, box), rle, iou in zip(valid, rles, ious, strict=True)]
         empty = sum(1 for c in candidates if c.rle is None)
@@ -339,34 +341,27 @@ class SamBoxesSegmenter(_SamSegmenter):
             dropped["empty_mask"] = empty
         return SegmentOutput(candidates, dropped)
 
-    def _predict(self, rgb: np.ndarray, boxes: list[list[float]]) -> tuple[list[dict], list[float]]:
-        """All boxes of one image in one batched decoder call -> (COCO RLEs, predicted IoUs)."""
+    def _predict(self, rgb: np.ndarray, boxes: list[list[float]],
+                 per_call: int) -> tuple[list[dict], list[float]]:
+        """The image encoded once, its boxes decoded ``per_call`` at a time -> (COCO RLEs,
+        predicted IoUs)."""
         assert self.predictor is not None
         predictor = self.predictor
         predictor.set_image(rgb)
-        xyxy = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in boxes],
-                            dtype=torch.float, device=predictor.device)
-        prompts = predictor.transform.apply_boxes_torch(xyxy, rgb.shape[:2])
-        mask_batch, iou, _ = predictor.predict_torch(None, None, boxes=prompts, multimask_output=False)
-        uncompressed = masks_to_uncompressed_rle(mask_batch[:, 0])
-        predictor.reset_image()
-        rles = [masks.from_uncompressed(rle) for rle in uncompressed]
-        return rles, iou[:, 0].float().cpu().tolist()
-
-
-def _clip_box(box: Any, width: int, height: int) -> list[float] | None:
-    """[x, y, w, h] clipped to the image, or None if it is malformed or empty after clipping."""
-    try:
-        x, y, w, h = (float(v) for v in box)
-    except (TypeError, ValueError):
-        return None
-    if not all(np.isfinite([x, y, w, h])):
-        return None
-    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-    x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-    if x1 - x0 <= 0 or y1 - y0 <= 0:
-        return None
-    return [x0, y0, x1 - x0, y1 - y0]
+        rles: list[dict] = []
+        ious: list[float] = []
+        try:
+            for start in range(0, len(boxes), per_call):
+                xyxy = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in boxes[start:start + per_call]],
+                                    dtype=torch.float, device=predictor.device)
+                prompts = predictor.transform.apply_boxes_torch(xyxy, rgb.shape[:2])
+                mask_batch, iou, _ = predictor.predict_torch(None, None, boxes=prompts, multimask_output=False)
+                rles += [masks.from_uncompressed(rle) for rle in masks_to_uncompressed_rle(mask_batch[:, 0])]
+                ious += iou[:, 0].float().cpu().tolist()
+                del mask_batch, iou
+        finally:
+            predictor.reset_image()
+        return rles, ious
 
 
 def _box_candidate(index: int, box: list[float], rle: dict, iou: float) -> Candidate:

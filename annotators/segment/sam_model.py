@@ -24,6 +24,7 @@ from segment_anything.modeling import (
 )
 
 from annotators.devices import valid_device
+from annotators.segment.frame import FRAMES
 from settings import ConfigError, require
 
 ModelType = Literal["vit_h", "vit_l", "vit_b", "tiny"]
@@ -111,7 +112,18 @@ class SamAutoSettings(SamModelSettings):
 
 @dataclass
 class SamBoxesSettings(SamModelSettings):
-    """Settings of ``sam-boxes``: only the model; prompts are the boxes given with each image."""
+    """Settings of ``sam-boxes``: the model; prompts are the boxes given with each image."""
+
+    # which image the given boxes' pixels refer to (see annotators.segment.frame)
+    frame: str = "displayed"
+    # boxes per mask-decoder call: an image with thousands of boxes is decoded in slices, so the
+    # decoder's memory is bounded (hashed, like points_per_batch: batch size moves logits ~1e-6)
+    boxes_per_call: int = 64
+
+    def check(self) -> None:
+        super().check()
+        require(self.frame in FRAMES, "frame", f"must be one of {', '.join(FRAMES)}")
+        require(self.boxes_per_call >= 1, "boxes_per_call", "must be 1 or more")
 
 
 # --------------------------------------------------------------------------- models
