@@ -49,8 +49,17 @@ class SegmentInput:
     """What a segmenter sees of one image: its key, RGB pixels and any annotations given with it."""
 
     key: str
-    rgb: np.ndarray             # (H, W, 3) uint8, the stored (normalized) image
+    rgb: np.ndarray | None      # (H, W, 3) uint8, the stored image; None for a segmenter whose
+                                # ``needs_pixels`` is false (it reads ``size``)
     given: dict | None = None   # {"boxes": [[x,y,w,h],...], "masks": [rle,...], ...} from a manifest
+    size: tuple[int, int] | None = None   # (height, width) of the stored image
+
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of the stored image."""
+        if self.size is not None:
+            return self.size
+        assert self.rgb is not None
+        return int(self.rgb.shape[0]), int(self.rgb.shape[1])
 
 
 @dataclass
@@ -71,7 +80,7 @@ class RegionView:
     bbox: list[float]
     area: float
     rle: dict | None
-    stats: dict[str, Any] = field(default_factory=dict)   # cheap measurements (mean colour, ...)
+    stats: dict[str, Any] = field(default_factory=dict)   # depth in the tree, source, scores
 
 
 @dataclass
@@ -146,6 +155,7 @@ class Segmenter(Annotator):
     """Turns images into candidate masks/boxes."""
 
     role = "segmenter"
+    needs_pixels: ClassVar[bool] = True   # False: SegmentInput.rgb is None (the image is not decoded)
 
     @abstractmethod
     def segment_batch(self, images: list[SegmentInput]) -> list[SegmentOutput | AnnotatorFailure]:

@@ -201,26 +201,15 @@ def _apply_limits(nodes: list[_Node], settings: RegionSettings, dropped: Counter
     return kept
 
 
-def _mean_rgb(rgb: np.ndarray, cand: Candidate, sums: rle.RunSums | None,
-              runs: tuple[np.ndarray, np.ndarray] | None) -> list[float]:
-    if cand.rle is not None and sums is not None and runs is not None:
-        if list(cand.rle["size"]) != list(rgb.shape[:2]):
-            raise ValueError(f"mask size {cand.rle['size']} is not the image's {list(rgb.shape[:2])}")
-        # exact integer sums over the mask's runs: the same mean as over its decoded pixels
-        starts, ends = runs
-        count = int((ends - starts).sum())
-        if count == 0:
-            return [0.0, 0.0, 0.0]
-        return [round(float(v) / count, 2) for v in sums.over_runs(starts, ends)]
-    x, y, w, h = (int(round(v)) for v in cand.bbox)
-    pixels = rgb[y:y + max(h, 1), x:x + max(w, 1)].reshape(-1, 3)
-    return [round(float(v), 2) for v in pixels.mean(axis=0)] if len(pixels) else [0.0, 0.0, 0.0]
-
-
-def select_regions(cands: list[Candidate], rgb: np.ndarray,
+def select_regions(cands: list[Candidate], image: np.ndarray | tuple[int, int],
                    settings: RegionSettings) -> tuple[list[RegionView], dict[str, int]]:
-    """The region tree (parents before children) and counts of dropped candidates by reason."""
-    height, width = rgb.shape[:2]
+    """The region tree (parents before children) and counts of dropped candidates by reason.
+
+    ``image`` is the image's pixels or only its (height, width): no pixel is read here."""
+    height, width = image if isinstance(image, tuple) else image.shape[:2]
+    for c in cands:
+        if c.rle is not None and list(c.rle["size"]) != [height, width]:
+            raise ValueError(f"mask size {c.rle['size']} is not the image's {[height, width]}")
     dropped: Counter = Counter()
     cands = _filter(cands, settings, float(width * height), dropped)
     cands = _dedup(cands, settings, dropped)
@@ -228,14 +217,9 @@ def select_regions(cands: list[Candidate], rgb: np.ndarray,
     views: list[RegionView] = []
     ids: dict[int, str] = {}
     n_box = n_pix = 0
-    # every mask's mean colour from its runs: one parse of all masks, one pass over the image
-    masked = [node for node in nodes if node.cand.rle is not None]
-    runs = {id(n): r for n, r in zip(masked, rle.runs_many([n.cand.rle for n in masked]))}
-    sums = rle.RunSums([rgb[..., 0], rgb[..., 1], rgb[..., 2]]) if masked else None
     for node in nodes:
         c = node.cand
-        stats = {"mean_rgb": _mean_rgb(rgb, c, sums, runs.get(id(node))), "depth": node.depth,
-                 "source": c.source}
+        stats = {"depth": node.depth, "source": c.source}
         parent_id = ids[id(node.parent)] if node.parent is not None else None
         if c.rle is None:
             n_box += 1

@@ -122,7 +122,8 @@ class Segment(beam.DoFn):
         given["orientation"] = item.image_info.get("exif_orientation", 1)
         if item.ground_truth and "masks" not in given:
             given["masks"] = [obj["mask"] for obj in item.ground_truth]
-        return SegmentInput(item.ref.key, _rgb(item), given)
+        rgb = _rgb(item) if self.segmenter.needs_pixels else None
+        return SegmentInput(item.ref.key, rgb, given, size=(item.height, item.width))
 
     def process(self, batch: list[ImageItem]) -> Iterator[Any]:
         start = time.perf_counter()
@@ -165,7 +166,8 @@ class SelectRegions(beam.DoFn):
     def process(self, item: ImageItem) -> Iterator[Any]:
         start = time.perf_counter()
         try:
-            item.regions, dropped = select_regions(item.candidates, _rgb(item), self.config.regions)
+            item.regions, dropped = select_regions(item.candidates, (item.height, item.width),
+                                                   self.config.regions)
         except Exception as exc:
             yield _internal(item, "select_regions", exc)
             return

@@ -79,6 +79,7 @@ class GivenSegmenter(Segmenter):
     """Imports masks/boxes given with each input."""
 
     name = "given"
+    needs_pixels = False   # annotations only: the stored image is not decoded for this segmenter
     version = "1"
     Settings = GivenSettings
 
@@ -87,7 +88,7 @@ class GivenSegmenter(Segmenter):
 
     def _one(self, item: SegmentInput) -> SegmentOutput:
         given = item.given or {}
-        height, width = item.rgb.shape[:2]
+        height, width = item.hw()
         frame = InputFrame.of(given, height, width)
         candidates: list[Candidate] = []
         masks: list[tuple[dict, dict[str, float], str]] = []

@@ -68,7 +68,7 @@ def summarise(rgb: Any, candidates: list[Any], region_settings: dict[str, Any]) 
         regions.append({
             "id": v.id, "level": v.level, "parent": v.parent, "bbox": list(v.bbox), "area": v.area,
             "mask_sha": _sha(json.dumps(v.rle, sort_keys=True)) if v.rle is not None else None,
-            "stats": {k: v.stats[k] for k in ("mean_rgb", "depth", "source")},
+            "stats": {k: v.stats[k] for k in ("depth", "source")},
             **_text(result.regions[v.id])})
     return {"dropped": dict(sorted(dropped.items())), "regions": regions,
             "image_level": _text(result.image_level), "failures": len(result.failures)}
