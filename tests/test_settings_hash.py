@@ -122,6 +122,8 @@ OUTPUT_CHANGES = [
     ("vllm", {"captioner": {"client": {"max_tokens": 64}}}),
     ("vllm", {"captioner": {"client": {"image_max_pixels": 200_000}}}),
     ("vllm", {"captioner": {"client": {"jpeg_quality": 80}}}),
+    ("vllm", {"captioner": {"client": {"prompt_quality": 80}}}),
+    ("vllm", {"captioner": {"client": {"prompt_format": "webp"}}}),
     ("vllm", {"captioner": {"client": {"extra_body": {"repetition_penalty": 1.1}}}}),
     ("vllm", {"captioner": {"client": {"answer_retries": 0}}}),
     ("vllm", {"captioner": {"client": {"answer_retry_temperature": 0.9}}}),
@@ -142,6 +144,7 @@ OUTPUT_CHANGES = [
     ("transformers", {"captioner": {"temperature": 0.5}}),
     ("transformers", {"captioner": {"dtype": "bfloat16"}}),
     ("transformers", {"captioner": {"max_new_tokens": 17}}),
+    ("transformers", {"captioner": {"prompt_quality": 80}}),
     ("default", {"decode": {"max_side": 512}}),
     ("default", {"decode": {"jpeg_quality": 80}}),
     ("default", {"regions": {"max_regions": 8}}),
@@ -178,7 +181,7 @@ def test_visual_prompt_defaults_and_versions_are_hashed(monkeypatch: pytest.Monk
     from annotators.caption import visual_prompts
 
     base = settings_hash({"captioner": VLLM})
-    monkeypatch.setattr(visual_prompts, "VERSION", "2")
+    monkeypatch.setattr(visual_prompts, "VERSION", visual_prompts.VERSION + "-changed")
     assert settings_hash({"captioner": VLLM}) != base
 
 

@@ -5,19 +5,32 @@ under a few seconds.
 """
 from __future__ import annotations
 
+import base64
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
 
-from annotators.caption.backends.images import fit_pixels
+from annotators.caption import visual_prompts as vp
+from annotators.caption.backends.images import (
+    ImageOptions,
+    decode_image,
+    encode_image,
+    fit_pixels,
+    fit_to_pixels,
+    prepare_image,
+)
 from annotators.caption.visual_prompts import (
     GREY,
     RED,
     VISUAL_PROMPTS,
+    ImagePrompts,
     auto_line_width,
     box_bounds,
     contour_mask,
@@ -31,6 +44,7 @@ from annotators.caption.visual_prompts import (
 )
 from settings import ConfigError
 
+REPO = Path(__file__).resolve().parents[1]
 SEEDS = range(40)
 MASK_KINDS = ["contour", "crop_masked", "highlight", "alpha"]
 FULL3 = np.ones((3, 3), dtype=bool)
@@ -447,3 +461,216 @@ def test_fit_pixels_keeps_within_budget_and_aspect() -> None:
     assert fit_pixels(Image.new("RGB", (1, 1000)), 10).size == (1, 10)
     with pytest.raises(ValueError, match="max_pixels"):
         fit_pixels(Image.new("RGB", (4, 4)), 0)
+
+
+# --------------------------------------------------------------------------- as sent to a model
+# ImagePrompts draws at the backend's pixel budget and encodes; PNG keeps pixels exact.
+
+
+def sent(prompts: ImagePrompts, kind: str, mask: np.ndarray | None, bbox: list[float],
+         **params: object) -> np.ndarray:
+    """The decoded pixels of a prompt as sent."""
+    encoded = prompts.prompt(kind, mask, bbox, params)
+    img = Image.open(io.BytesIO(encoded.data))
+    assert img.format == encoded.format and img.size == encoded.size
+    return pixels(img)
+
+
+def nearest(mask: np.ndarray, window: tuple[int, int, int, int],
+            size: tuple[int, int]) -> np.ndarray:
+    """``mask[window]`` resized to ``size`` (w, h) by sampling at the new pixels' centres."""
+    x0, y0, x1, y1 = window
+    rows = y0 + np.floor((np.arange(size[1]) + 0.5) * (y1 - y0) / size[1]).astype(int)
+    cols = x0 + np.floor((np.arange(size[0]) + 0.5) * (x1 - x0) / size[0]).astype(int)
+    return mask[np.ix_(rows, cols)]
+
+
+def png_options(max_pixels: int) -> ImageOptions:
+    return ImageOptions(max_pixels=max_pixels, prompt_format="png")
+
+
+def big_case() -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """A 240x160 noise image with an elliptical region."""
+    rng = np.random.default_rng(5)
+    image = random_image(rng, 160, 240)
+    yy, xx = np.mgrid[:160, :240]
+    mask = ((yy - 70) / 30.0) ** 2 + ((xx - 130) / 50.0) ** 2 <= 1
+    return image, mask, tight_bbox(mask)
+
+
+@pytest.mark.parametrize("kind", sorted(VISUAL_PROMPTS))
+def test_within_budget_the_sent_prompt_is_the_stored_size_render(kind: str) -> None:
+    image, mask, bbox = big_case()
+    prompts = ImagePrompts(image, png_options(image.shape[0] * image.shape[1]))
+    expected = pixels(render(kind, image, mask, bbox))
+    if kind == "alpha":     # an alpha prompt gets a quarter of the budget: compare unbudgeted
+        prompts = ImagePrompts(image, png_options(4 * image.shape[0] * image.shape[1]))
+    assert np.array_equal(sent(prompts, kind, mask, bbox), expected)
+
+
+def test_box_lands_at_the_scaled_coordinates() -> None:
+    image = random_image(np.random.default_rng(1), 100, 200)
+    prompts = ImagePrompts(image, png_options(5000))          # 200x100 -> 100x50
+    arr = sent(prompts, "box", None, [40.0, 20.0, 60.0, 40.0], width=4)
+    assert arr.shape == (50, 100, 3)
+    x0, y0, x1, y1 = 20, 10, 50, 30                             # the box, halved
+    line = 2                                                    # 4 stored pixels, halved
+    yy, xx = np.mgrid[:50, :100]
+    inside = (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
+    band = inside & (np.minimum.reduce([xx - x0, x1 - 1 - xx, yy - y0, y1 - 1 - yy]) < line)
+    assert np.all(arr[band] == RED)
+    base = np.asarray(Image.fromarray(image).resize((100, 50), Image.Resampling.BOX))
+    assert np.array_equal(arr[~band], base[~band])
+
+
+def test_contour_lands_on_the_resized_mask() -> None:
+    image, mask, bbox = big_case()
+    prompts = ImagePrompts(image, png_options(120 * 80))        # 240x160 -> 120x80
+    arr = sent(prompts, "contour", mask, bbox, width=4, color=[0, 255, 0])
+    small = nearest(mask, (0, 0, 240, 160), (120, 80))
+    drawn = contour_mask(small, 2)
+    assert drawn.any() and np.all(arr[drawn] == (0, 255, 0))
+    base = prompts.canvas.frame().rgb
+    assert np.array_equal(arr[~drawn], base[~drawn])
+
+
+def test_crop_contains_the_region_and_keeps_stored_detail_within_budget() -> None:
+    image, mask, bbox = big_case()
+    window = crop_box(bbox, 160, 240)
+    x0, y0, x1, y1 = window
+    # the whole image is over the budget, the crop is not: the crop keeps its stored pixels
+    budget = (x1 - x0) * (y1 - y0)
+    prompts = ImagePrompts(image, png_options(budget))
+    assert prompts.canvas.frame().rgb.shape[0] < 160
+    assert np.array_equal(sent(prompts, "crop", mask, bbox), image[y0:y1, x0:x1])
+    # under a smaller budget it is the crop, shrunk, and still shows the whole box
+    small = ImagePrompts(image, png_options(budget // 4))
+    arr = sent(small, "crop", mask, bbox)
+    w, h = fit_to_pixels(x1 - x0, y1 - y0, budget // 4)
+    assert arr.shape == (h, w, 3)
+    masked = sent(small, "crop_masked", mask, bbox)
+    inside = nearest(mask, window, (w, h))
+    assert np.all(masked[~inside] == GREY)
+    assert np.array_equal(masked[inside], arr[inside])
+    bx0, by0, bx1, by1 = box_bounds(bbox, 160, 240)
+    assert x0 <= bx0 and y0 <= by0 and bx1 <= x1 and by1 <= y1
+
+
+def test_alpha_channel_is_the_resized_mask() -> None:
+    image, mask, bbox = big_case()
+    window = crop_box(bbox, 160, 240)
+    x0, y0, x1, y1 = window
+    options = ImageOptions(max_pixels=(x1 - x0) * (y1 - y0))  # alpha: a quarter of it
+    prompts = ImagePrompts(image, options)
+    encoded = prompts.prompt("alpha", mask, bbox)
+    assert encoded.format == "WEBP"
+    img = Image.open(io.BytesIO(encoded.data))
+    assert img.mode == "RGBA"
+    size = fit_to_pixels(x1 - x0, y1 - y0, options.prompt_max_pixels(alpha=True))
+    assert img.size == size and size[0] < x1 - x0
+    alpha_channel = pixels(img)[..., 3]
+    assert np.array_equal(alpha_channel, np.where(nearest(mask, window, size), 255, 0))
+    whole = Image.open(io.BytesIO(prompts.prompt("alpha", mask, bbox, {"crop": False}).data))
+    wsize = fit_to_pixels(240, 160, options.prompt_max_pixels(alpha=True))
+    assert np.array_equal(pixels(whole)[..., 3],
+                          np.where(nearest(mask, (0, 0, 240, 160), wsize), 255, 0))
+
+
+def test_highlight_keeps_the_region_and_dims_the_rest_at_the_model_size() -> None:
+    image, mask, bbox = big_case()
+    prompts = ImagePrompts(image, png_options(120 * 80))
+    arr = sent(prompts, "highlight", mask, bbox, dim=0.5)
+    base = prompts.canvas.frame().rgb
+    inside = nearest(mask, (0, 0, 240, 160), (120, 80))
+    assert np.array_equal(arr[inside], base[inside])
+    assert np.array_equal(arr[~inside], np.floor(base[~inside] * 0.5).astype(np.uint8))
+
+
+def test_jpeg_prompts_keep_thin_outlines_red_and_are_small() -> None:
+    rng = np.random.default_rng(3)
+    image = np.asarray(Image.fromarray(random_image(rng, 64, 64)).resize((512, 512)))
+    bbox = [101.0, 101.0, 200.0, 150.0]        # odd edges: across chroma blocks
+    encoded = ImagePrompts(image).prompt("box", None, bbox)
+    assert encoded.format == "JPEG" and encoded.size == (512, 512)
+    arr = pixels(Image.open(io.BytesIO(encoded.data))).astype(int)
+    line = auto_line_width(512, 512)
+    assert line == 2
+    for edge in (arr[101:101 + line, 111:291], arr[111:241, 101:101 + line]):
+        assert np.all(edge[..., 0] > 220) and np.all(edge[..., 1:] < 40)
+    assert len(encoded.data) < len(to_png(render("box", image, None, bbox)))
+
+
+def test_each_prompt_and_the_whole_image_are_made_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"decode": 0, "encode": 0, "prepare": 0}
+    for name, key in (("decode_rgb", "decode"), ("encode_pixels", "encode"),
+                      ("prepare_image", "prepare")):
+        original = getattr(vp, name)
+
+        def counted(*args: object, _original=original, _key=key, **kwargs: object) -> object:
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(vp, name, counted)
+    image, mask, bbox = big_case()
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    prompts = ImagePrompts(buf.getvalue(), ImageOptions(max_pixels=5000))
+    wholes = {id(prompts.whole()) for _ in range(5)}
+    for region in range(4):
+        for _ in range(3):                       # three steps send the same two prompts
+            prompts.prompt("contour", mask, bbox, key=(region, "contour"))
+            prompts.prompt("crop_masked", mask, bbox, key=(region, "masked"))
+    assert len(wholes) == 1
+    assert calls == {"decode": 1, "encode": 8, "prepare": 1}
+
+
+def test_encoded_bytes_are_sent_as_they_are() -> None:
+    image, mask, bbox = big_case()
+    encoded = ImagePrompts(image).prompt("crop", mask, bbox)
+    url = encode_image(encoded, 100)             # a budget it does not fit: still as it is
+    assert url == encoded.data_url() and url.startswith("data:image/jpeg;base64,")
+    assert base64.b64decode(url.split(",", 1)[1]) == encoded.data
+    assert prepare_image(encoded, 100) is encoded
+    decoded = decode_image(encoded, 100)
+    assert decoded.size == encoded.size and decoded.mode == "RGB"
+
+
+def test_prompt_encoding_follows_the_settings() -> None:
+    assert ImageOptions().prompt_encoding(alpha=False) == ("JPEG", 90)
+    assert ImageOptions().prompt_encoding(alpha=True) == ("WEBP", 90)
+    assert ImageOptions(prompt_format="webp", prompt_quality=70).prompt_encoding(False) == \
+        ("WEBP", 70)
+    assert ImageOptions(prompt_format="png").prompt_encoding(alpha=True) == ("PNG", None)
+    assert ImageOptions(max_pixels=4096).prompt_provenance(alpha=True) == \
+        {"max_pixels": 1024, "format": "webp", "quality": 90}
+    image, mask, bbox = big_case()
+    for fmt in ("jpeg", "webp", "png"):
+        encoded = ImagePrompts(image, ImageOptions(prompt_format=fmt)).prompt("box", mask, bbox)
+        assert Image.open(io.BytesIO(encoded.data)).format == fmt.upper()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("prompt_format", "gif"), ("prompt_format", "JPEG"), ("prompt_quality", 0),
+    ("prompt_quality", 96), ("prompt_quality", "high"), ("prompt_quality", 85.5),
+])
+def test_prompt_format_and_quality_are_validated(field: str, value: object) -> None:
+    from annotators.caption.backends.openai_api.client import VllmChatClient
+    from annotators.caption.backends.transformers_local import LocalClientSettings
+    from settings import parse_settings
+
+    with pytest.raises(ConfigError, match=rf"^captioner\.client\.{field}: "):
+        VllmChatClient({"model": "m", field: value}, where="captioner.client")
+    with pytest.raises(ConfigError, match=rf"^captioner\.{field}: "):
+        parse_settings(LocalClientSettings, {"model": "m", field: value}, "captioner")
+
+
+def test_prompt_bench_smoke_reports_every_kind(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "prompt_bench.py"), "--smoke",
+                    "--json", str(out)], check=True, capture_output=True, timeout=120)
+    report = json.loads(out.read_text())
+    assert set(report["kinds"]) == set(VISUAL_PROMPTS)
+    for kind, row in report["kinds"].items():
+        assert row["ms"] > 0 and row["cpu_ms"] > 0 and row["bytes"] > 0, kind
+        assert row["request_bytes"] > row["bytes"], kind
+    assert report["whole_image_bytes"] > 0 and all(v > 0 for v in report["requests"].values())

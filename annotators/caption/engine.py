@@ -6,9 +6,17 @@ in one ``generate`` call per client (hundreds of requests in flight on a server)
 parallel; then step k+1. A target whose step fails is dropped with the backend's failure reason
 (a region: that region only; the image: the whole image) and takes no part in later steps.
 
+Images: the engine prepares every image a request carries, once per image and backend image
+settings (``visual_prompts.ImagePrompts``): the whole image is fit to the client's
+``image_max_pixels`` and encoded once, and shared by all of its targets' requests; each visual
+prompt is drawn directly at that size and encoded (``prompt_format`` / ``prompt_quality``) once,
+however many steps send it. Backends send these ``Encoded`` bytes as they are. So the pipeline
+renders nothing for a program captioner (``prompt_specs()`` is empty).
+
 ``ProgramCaptioner`` is the base of the captioners that run programs (``vllm``,
-``transformers``): a subclass gives its settings (with ``program``) and ``new_client(name)``,
-the backend of each client name the program uses.
+``transformers``): a subclass gives its settings (with ``program``), ``new_client(name)``, the
+backend of each client name the program uses, and ``client_settings(name)``, that client's
+parsed settings (its image settings decide how images are prepared).
 """
 from __future__ import annotations
 
@@ -19,6 +27,8 @@ from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
+
 from annotators.base import (
     AnnotatorFailure,
     Captioner,
@@ -27,14 +37,17 @@ from annotators.base import (
     RegionView,
     TextOut,
 )
+from annotators.caption import visual_prompts as vp
 from annotators.caption.attributes import position_name, size_name
-from annotators.caption.backends.base import Backend, ChatResult, GenerationRequest
+from annotators.caption.backends.base import Backend, ChatResult, Encoded, GenerationRequest
+from annotators.caption.backends.images import ImageOptions
 from annotators.caption.program import (
     DEFAULT_CLIENT,
     WHOLE_IMAGE,
     Program,
     Step,
     load_program,
+    prompt_clients,
     resolved_visual_prompts,
 )
 
@@ -52,6 +65,43 @@ class _Target:
     fields: dict[str, Any]
     outputs: dict[str, Any] = field(default_factory=dict)
     failure: AnnotatorFailure | None = None
+
+
+class BatchImages:
+    """The images of one ``caption_batch`` call as the backends get them: one
+    ``visual_prompts.ImagePrompts`` per item and image settings (the whole image encoded once,
+    each prompt drawn and encoded once), and each region's mask decoded once."""
+
+    def __init__(self, items: list[CaptionInput]) -> None:
+        self.items = items
+        self._images: dict[tuple[int, ImageOptions], vp.ImagePrompts] = {}
+        self._masks: dict[tuple[int, str], vp.MaskCrop] = {}
+        self._rgb: dict[int, np.ndarray] = {}
+
+    def of(self, index: int, options: ImageOptions) -> vp.ImagePrompts:
+        """Item ``index``'s images under ``options``."""
+        key = (index, options)
+        if key not in self._images:
+            self._images[key] = vp.ImagePrompts(self.items[index].image, options,
+                                                decoded=lambda: self.rgb(index))
+        return self._images[key]
+
+    def rgb(self, index: int) -> np.ndarray:
+        """Item ``index``'s pixels, decoded once for every image settings."""
+        if index not in self._rgb:
+            self._rgb[index] = vp.decode_rgb(self.items[index].image)
+        return self._rgb[index]
+
+    def mask(self, index: int, region: RegionView | None) -> vp.MaskCrop | None:
+        """The region's mask, cut to its pixels (None for the image and box-only regions)."""
+        if region is None or region.rle is None:
+            return None
+        key = (index, region.id)
+        if key not in self._masks:
+            from annotators.segment import masks
+
+            self._masks[key] = vp.MaskCrop.of(masks.decode(region.rle))
+        return self._masks[key]
 
 
 def target_fields(item: CaptionInput, region: RegionView | None) -> dict[str, Any]:
@@ -96,10 +146,27 @@ class ProgramCaptioner(Captioner):
         self.program: Program = load_program(self.settings.program)
         self.clients: dict[str, Backend] = {}
         self._provenance: dict[str, Any] | None = None
+        self._image_options: dict[str, ImageOptions] = {}
+        # per level, prompt name -> (kind, parameters)
+        self._prompt_kinds = {level: {s["name"]: (s["kind"], {k: v for k, v in s.items()
+                                                               if k not in ("name", "kind")})
+                                      for s in specs}
+                              for level, specs in self.program.visual_prompts.items()}
 
     def prompt_specs(self) -> dict[str, list[dict[str, Any]]]:
-        return {level: [dict(s) for s in specs]
-                for level, specs in self.program.visual_prompts.items()}
+        """None: the engine draws the program's visual prompts itself, at each client's image
+        size, and encodes them once (see the module docstring)."""
+        return {}
+
+    def image_options(self, client: str) -> ImageOptions:
+        """How client ``client`` sends images (its pixel budget, formats, qualities)."""
+        if client not in self._image_options:
+            self._image_options[client] = ImageOptions.from_settings(self.client_settings(client))
+        return self._image_options[client]
+
+    @abstractmethod
+    def client_settings(self, name: str) -> Any:
+        """The parsed settings of client ``name`` (with ``ImageOptions.from_settings`` fields)."""
 
     def client_names(self) -> list[str]:
         """The default client and every client a step names, sorted."""
@@ -139,11 +206,21 @@ class ProgramCaptioner(Captioner):
         """Name, version, model(s), ``program_provenance()``, the clients' settings."""
 
     def program_provenance(self) -> dict[str, Any]:
-        """The program's id, version, hash and resolved visual prompts, for provenance."""
+        """The program's id, version, hash and resolved visual prompts, for provenance.
+
+        Each visual prompt also says how it was sent, per client that sends it
+        (``sent``: pixel budget, format, quality; ``ImageOptions.prompt_provenance``).
+        """
         p = self.program
+        users = prompt_clients(p)
+        prompts = resolved_visual_prompts(p)
+        for level, specs in prompts.items():
+            for spec in specs:
+                spec["sent"] = {client: self.image_options(client).prompt_provenance(
+                    vp.has_alpha(spec["kind"])) for client in users[level].get(spec["name"], [])}
         return {"prompt_id": f"{p.id}@{p.version}", "prompt_hash": p.hash,
                 "program": {"id": p.id, "version": p.version, "hash": p.hash},
-                "visual_prompts": resolved_visual_prompts(p)}
+                "visual_prompts": prompts}
 
     # ------------------------------------------------------------ work
 
@@ -151,9 +228,10 @@ class ProgramCaptioner(Captioner):
         if not self.clients:
             self.setup()
         targets = self._targets(items)
+        images = BatchImages(items)
         depth = max(len(steps) for steps in self.program.steps.values())
         for index in range(depth):
-            self._run_step(index, items, targets)
+            self._run_step(index, images, targets)
         return [self._result(targets[i]) for i in range(len(items))]
 
     def _targets(self, items: list[CaptionInput]) -> list[list[_Target]]:
@@ -164,7 +242,7 @@ class ProgramCaptioner(Captioner):
             out.append(row)
         return out
 
-    def _run_step(self, index: int, items: list[CaptionInput],
+    def _run_step(self, index: int, images: BatchImages,
                   targets: list[list[_Target]]) -> None:
         """Step ``index`` of every live target, one generate call per client, clients in
         parallel."""
@@ -177,7 +255,7 @@ class ProgramCaptioner(Captioner):
                 if target.failure is not None or index >= len(steps):
                     continue
                 step = steps[index]
-                request = self._request(items[target.item], target, step)
+                request = self._request(images, target, step)
                 if isinstance(request, AnnotatorFailure):
                     target.failure = request
                 else:
@@ -191,26 +269,30 @@ class ProgramCaptioner(Captioner):
                 for (target, step, _), answer in zip(jobs, futures[name].result(), strict=True):
                     self._apply(target, step, answer)
 
-    def _request(self, item: CaptionInput, target: _Target,
+    def _request(self, images: BatchImages, target: _Target,
                  step: Step) -> GenerationRequest | AnnotatorFailure:
         region_id = None if target.region is None else target.id
         try:
             text = step.prompt.format(**target.fields, **self._texts(target.outputs))
-            images = [item.image if name == WHOLE_IMAGE else self._prompt_png(item, target, name)
-                      for name in step.images]
-        except (KeyError, IndexError, ValueError) as exc:
+            prepared = images.of(target.item, self.image_options(step.client))
+            pictures = [prepared.whole() if name == WHOLE_IMAGE else
+                        self._prompt(images, prepared, target, name) for name in step.images]
+        except Exception as exc:  # an unreadable image or mask costs its target, not the batch
             return AnnotatorFailure("prompt_error", f"step {step.name}: {type(exc).__name__}: "
                                     f"{exc}"[:500], region_id)
         system = step.system if step.system is not None else self.program.system
-        return GenerationRequest(text, images, system or None, step.json_schema, step.name,
+        return GenerationRequest(text, pictures, system or None, step.json_schema, step.name,
                                  step.max_tokens, step.temperature, region_id)
 
-    @staticmethod
-    def _prompt_png(item: CaptionInput, target: _Target, name: str) -> bytes:
-        try:
-            return item.prompts[target.id][name]
-        except KeyError:
-            raise KeyError(f"visual prompt {name!r} was not rendered for {target.id!r}") from None
+    def _prompt(self, images: BatchImages, prepared: vp.ImagePrompts, target: _Target,
+                name: str) -> Encoded:
+        """Visual prompt ``name`` of ``target``, drawn and encoded once per image settings."""
+        kind, params = self._prompt_kinds[target.level][name]
+        item = images.items[target.item]
+        bbox = target.region.bbox if target.region is not None else \
+            [0.0, 0.0, float(item.width), float(item.height)]
+        return prepared.prompt(kind, images.mask(target.item, target.region), bbox, params,
+                               key=(target.id, name))
 
     @staticmethod
     def _texts(outputs: dict[str, Any]) -> dict[str, str]:

@@ -4,8 +4,8 @@ A program is data (YAML in ``annotators/caption/programs/<name>.yaml``, or any p
 
 * ``id``, ``version``, ``system`` (system prompt of every step unless a step sets its own);
 * ``visual_prompts``: per level ("image", "region", "pixel") a list of ``{name, kind, **params}``
-  — what a program captioner's ``prompt_specs()`` returns, rendered by the pipeline (see
-  ``annotators.caption.visual_prompts``);
+  (kinds: ``annotators.caption.visual_prompts``), drawn by the engine at the size each client
+  sends images at, and encoded once per image;
 * ``steps``: per level an ordered list of calls, each ``{name, prompt, images, json_schema?,
   client?, max_tokens?, temperature?, system?}``. ``prompt`` is a ``str.format`` template over the
   target's fields (``TARGET_FIELDS``) and the outputs of earlier steps of the same level.
@@ -133,6 +133,18 @@ def resolved_visual_prompts(program: Program) -> dict[str, list[dict[str, Any]]]
     return {level: [{"name": s["name"], **vp.spec_provenance(
         s["kind"], {k: v for k, v in s.items() if k not in ("name", "kind")})} for s in items]
         for level, items in program.visual_prompts.items()}
+
+
+def prompt_clients(program: Program) -> dict[str, dict[str, list[str]]]:
+    """Per level, each visual prompt's name -> the clients whose steps send it (sorted)."""
+    out: dict[str, dict[str, set[str]]] = {level: {} for level in LEVELS}
+    for level, steps in program.steps.items():
+        for step in steps:
+            for name in step.images:
+                if name != WHOLE_IMAGE:
+                    out[level].setdefault(name, set()).add(step.client)
+    return {level: {name: sorted(clients) for name, clients in names.items()}
+            for level, names in out.items()}
 
 
 def program_hash_view(program: Program) -> dict[str, Any]:

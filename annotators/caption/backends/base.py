@@ -5,9 +5,10 @@ schema) into one ``ChatAnswer`` or ``AnnotatorFailure`` each, in input order, an
 for one bad request. Failure reasons are the answer checks' (``checks.ANSWER_REASONS``), the
 transport's (``http_503``, ``timeout``, ...) or ``prompt_error`` / ``client_error``.
 
-Images arrive as the pipeline holds them (encoded bytes, arrays, PIL images or ready URLs); the
-same object in several requests of one call (the whole image, shared by all of its regions) is
-prepared once (``prepare_images``).
+Images arrive as the pipeline holds them (encoded bytes, arrays, PIL images or ready URLs), or
+as ``Encoded`` bytes the caption engine already fit and encoded for this backend (the whole image
+and the visual prompts: sent as they are); the same object in several requests of one call (the
+whole image, shared by all of its regions) is prepared once (``prepare_images``).
 """
 from __future__ import annotations
 
@@ -24,8 +25,37 @@ from annotators.base import AnnotatorFailure
 if TYPE_CHECKING:
     from PIL import Image
 
-ImageLike = Union[bytes, np.ndarray, "Image.Image", str]
 ChatResult = Union["ChatAnswer", AnnotatorFailure]
+
+
+class Encoded:
+    """Image bytes already fit to a backend's pixel budget and encoded as its settings say:
+    backends send them as they are. Made once per image (the whole image) or per visual prompt
+    and shared by every request that shows it; the data URL is built once, on first use."""
+
+    __slots__ = ("data", "format", "size", "_url")
+
+    def __init__(self, data: bytes, fmt: str, size: tuple[int, int]) -> None:
+        self.data = data
+        self.format = fmt.upper()          # JPEG, PNG or WEBP
+        self.size = size                   # (width, height) in pixels
+        self._url: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Encoded({self.format}, {self.size[0]}x{self.size[1]}, {len(self.data)} B)"
+
+    def data_url(self) -> str:
+        """``data:image/...;base64,...`` of the bytes (computed once)."""
+        if self._url is None:
+            import base64
+
+            mime = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+            self._url = (f"data:{mime.get(self.format, 'image/png')};base64,"
+                         f"{base64.b64encode(self.data).decode('ascii')}")
+        return self._url
+
+
+ImageLike = Union[bytes, np.ndarray, "Image.Image", str, Encoded]
 
 
 @dataclass

@@ -5,9 +5,11 @@ small runs (tests, a laptop, one GPU without a server).
 once and answers ``generate(requests)`` in chunks of ``batch_size`` (left padding; greedy at
 temperature 0, else sampled with a seed). Images are handed to the processor decoded (RGB PIL
 images, each decoded once per call; no data URLs), fit to ``image_max_pixels`` exactly as the
-HTTP backend would send them (``backends.images.decode_image``). There is no grammar-constrained decoding: for a request with a
-``json_schema`` the schema is added to the prompt and the answer is parsed and validated
-afterwards, failing with ``bad_json`` when it does not match. Every answer goes through the same
+HTTP backend would send them (``backends.images.decode_image``; the engine's whole image and
+visual prompts arrive already fit and encoded, and are decoded as they are). There is no
+grammar-constrained decoding: for a request with a ``json_schema`` the schema is added to the
+prompt and the answer is parsed and validated afterwards, failing with ``bad_json`` when it does
+not match. Every answer goes through the same
 checks as the HTTP backend (``check_answer``: empty, refusal, repetition, truncated, bad_json;
 ``allow_truncated`` honoured). ``TransformersCaptioner`` runs programs on it
 (``annotators.caption.engine``), one client per client name.
@@ -91,8 +93,11 @@ class LocalClientSettings:
     generate_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. repetition_penalty
     allow_download: bool = False             # let transformers fetch ``model`` from the hub
     image_max_pixels: int = 1024 * 1024      # resize budget of the images put into requests
-    image_format: Literal["auto", "jpeg", "png"] = "auto"
+    image_format: Literal["auto", "jpeg", "png"] = "auto"   # the whole image, when re-encoded
     jpeg_quality: int = 90
+    # visual prompts, at prompt_quality: as ClientSettings (alpha ones WebP unless "png")
+    prompt_format: Literal["jpeg", "webp", "png"] = "jpeg"
+    prompt_quality: int = 90
     answer_retries: int = 1                  # re-asks for answers failing a listed check
     retry_answer_reasons: list[str] = field(default_factory=lambda: ["bad_json"])
     answer_retry_temperature: float | None = 0.5
@@ -120,6 +125,8 @@ class LocalClientSettings:
         require(self.temperature >= 0, "temperature", "must be >= 0")
         require(self.image_max_pixels >= 1024, "image_max_pixels", "must be at least 1024")
         require(1 <= self.jpeg_quality <= 95, "jpeg_quality", "must be within 1..95")
+        require(1 <= self.prompt_quality <= 95, "prompt_quality", "must be within 1..95 (JPEG / "
+                "WebP quality of visual prompts)")
         require(self.answer_retries >= 0, "answer_retries", "must be >= 0")
         unknown = sorted(set(self.retry_answer_reasons) - set(ANSWER_REASONS))
         require(not unknown, "retry_answer_reasons",
@@ -481,6 +488,9 @@ class TransformersCaptioner(ProgramCaptioner):
     def new_client(self, name: str) -> LocalChatClient:
         where = self.where if name == DEFAULT_CLIENT else f"{self.where}.clients.{name}"
         return LocalChatClient(self.settings.client_values(name), where)
+
+    def client_settings(self, name: str) -> LocalClientSettings:
+        return parse_settings(LocalClientSettings, self.settings.client_values(name), name)
 
     def teardown(self) -> None:
         """Unload the models (or give back the machine's shared copy)."""

@@ -127,6 +127,9 @@ class VllmCaptioner(ProgramCaptioner):
         where = "client" if name == DEFAULT_CLIENT else f"clients.{name}"
         return VllmChatClient(self.settings.client_values(name, self._server_url), where)
 
+    def client_settings(self, name: str) -> ClientSettings:
+        return parse_settings(ClientSettings, self.settings.client_values(name, MANAGED_URL), name)
+
     def teardown(self) -> None:
         """Close the clients and give back the managed server."""
         super().teardown()
