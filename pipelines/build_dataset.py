@@ -171,7 +171,8 @@ def beam_counters(result: Any) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+def arg_parser() -> argparse.ArgumentParser:
+    """The command-line options (the Airflow DAG lets a trigger pass only these and listed Beam flags)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", default="samples",
@@ -190,7 +191,11 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="print the resolved settings (defaults filled in, secrets masked) and exit")
     parser.add_argument("--no-progress", action="store_true", help="no live progress line")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what every stage does")
-    return parser.parse_known_args(argv)
+    return parser
+
+
+def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    return arg_parser().parse_known_args(argv)
 
 
 def pipeline_options(beam_args: list[str], workers: int) -> PipelineOptions:
