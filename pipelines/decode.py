@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -39,18 +41,17 @@ class Decoded:
 
 
 def read_bytes(ref: ImageRef, max_bytes: int) -> tuple[bytes, list[dict[str, Any]] | None]:
-    """The input's bytes (and ground truth for synthetic scenes)."""
+    """The input's bytes (and ground truth for synthetic scenes).
+
+    A tar member is read by offset from the tar as stored (never through a decompressor); a member
+    whose data the file does not hold to its end (a tar cut short) is ``truncated``."""
     loader = ref.loader
     if loader["kind"] == "synthetic":
         return scene_png(loader["seed"], loader["index"], loader["size"])
     try:
+        if loader["kind"] == "tar":
+            return _read_member(loader, max_bytes), None
         with FileSystems.open(loader["path"]) as handle:
-            if loader["kind"] == "tar":
-                handle.seek(loader["offset"])
-                size = loader["size"]
-                if size > max_bytes:
-                    raise InputError("too_large", f"{size} bytes > decode.max_bytes={max_bytes}")
-                return handle.read(size), None
             data = handle.read(max_bytes + 1)
     except InputError:
         raise
@@ -59,6 +60,19 @@ def read_bytes(ref: ImageRef, max_bytes: int) -> tuple[bytes, list[dict[str, Any
     if len(data) > max_bytes:
         raise InputError("too_large", f"more than decode.max_bytes={max_bytes} bytes")
     return data, None
+
+
+def _read_member(loader: dict[str, Any], max_bytes: int) -> bytes:
+    size = loader["size"]
+    if size > max_bytes:
+        raise InputError("too_large", f"{size} bytes > decode.max_bytes={max_bytes}")
+    with FileSystems.open(loader["path"], compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        handle.seek(loader["offset"])
+        data = handle.read(size)
+    if len(data) < size:
+        raise InputError("truncated", f"the tar holds {len(data)} of the member's {size} bytes "
+                                      f"(it is cut short)")
+    return data
 
 
 def _open(data: bytes, settings: DecodeSettings) -> Image.Image:
@@ -84,18 +98,61 @@ def _open(data: bytes, settings: DecodeSettings) -> Image.Image:
 
 
 def _load(image: Image.Image) -> Image.Image:
+    """The full decode. ``truncated``: the data ends before the image does; ``corrupt``: the
+    decoder rejects the data (Pillow's "broken data stream" is a decoding error — e.g. a valid
+    header followed by garbage — not a short file)."""
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         image.load()
     except OSError as exc:
-        reason = "truncated" if "truncated" in str(exc).lower() or "broken" in str(exc).lower() else "corrupt"
+        reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise InputError(reason, str(exc)) from exc
     except Exception as exc:
         raise InputError("corrupt", f"{type(exc).__name__}: {exc}") from exc
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
     return image
+
+
+# The next marker: libjpeg skips stray bytes and 0xFF fill bytes before one (no "\xff+": the
+# regex engine then tries every byte, 15x slower on a large JPEG).
+_MARKER = re.compile(rb"\xff([^\x00\xff])")
+# The end of a scan's entropy-coded data: a marker that is not a stuffed 0xFF00 or a restart.
+_SCAN_END = re.compile(rb"\xff([^\x00\xd0-\xd7\xff])")
+# What may follow a scan: tables, another scan, DNL, comments, application data, the end; the
+# standalone TEM and restart markers are skipped, as libjpeg does.
+_AFTER_SCAN = frozenset([0x01, 0xC4, 0xCC, *range(0xD0, 0xD8), 0xD9, 0xDA, 0xDB, 0xDC, 0xDD, 0xFE,
+                         *range(0xE0, 0xF0)])
+
+
+def _jpeg_scan_damage(data: bytes) -> str | None:
+    """Where a decoded JPEG's scan data turns out to be garbage, or None.
+
+    libjpeg ends a scan at any marker-like byte pair and fills the rest of the image with grey,
+    with a warning Pillow does not surface: a valid header followed by random bytes decodes without
+    an error about one time in ten. In a sound file every scan ends at a marker that may follow a
+    scan, and so does every segment after it, up to the end-of-image marker, inside the file
+    (the header before the first scan is Pillow's to judge)."""
+    pos, in_scan, scanned = 2, False, False
+    while True:
+        found = (_SCAN_END if in_scan else _MARKER).search(data, pos)
+        if found is None:
+            return "no end-of-image marker after the image data" if scanned else None
+        code, at = found.group(1)[0], found.start(1) - 1
+        if code == 0xD9:
+            return None
+        if scanned and code not in _AFTER_SCAN:
+            return f"marker 0x{code:02X} at byte {at} inside the image data: the data is not a JPEG scan"
+        if code == 0x01 or 0xD0 <= code <= 0xD7:   # no length
+            pos, in_scan = at + 2, False
+            continue
+        pos = at + 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        if pos > len(data):
+            return f"segment 0x{code:02X} at byte {at} runs past the end of the file" if scanned \
+                else None
+        in_scan = code == 0xDA
+        scanned = scanned or in_scan
 
 
 def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
@@ -164,6 +221,10 @@ def decode(data: bytes, settings: DecodeSettings) -> Decoded:
     _draft(image, settings.max_side)
     drafted = image.size != header_size
     image = _load(image)
+    if source_format in ("JPEG", "MPO"):
+        damage = _jpeg_scan_damage(data)
+        if damage:
+            raise InputError("corrupt", damage)
     info: dict[str, Any] = {}
     # exif_transpose copies the image even when there is nothing to do: ask first
     orientation = _orientation(image)

@@ -20,11 +20,14 @@ import os
 import posixpath
 import re
 import tarfile
+import unicodedata
 import urllib.parse
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io import fileio
+from apache_beam.io.filebasedsource import FileBasedSource, ReadAllFiles
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from settings import ConfigError
@@ -32,6 +35,9 @@ from pipelines.types import ImageRef
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 MANIFEST_EXTENSIONS = (".jsonl", ".csv", ".parquet")
+# .tar.gz / .tgz are tar inputs too, so that they end as a named failure (compressed_tar), not as
+# an empty "directory"
+TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 SAMPLE_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png",
                  "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
                  "moon.png", "motorcycle_left.png", "retina.jpg", "rocket.jpg")
@@ -40,7 +46,17 @@ _WILDCARD = re.compile(r"[*?\[]")
 
 
 def safe_key(text: str, max_len: int = 120) -> str:
-    """Map text to the key alphabet [A-Za-z0-9_-]; long names keep a hash suffix."""
+    """Map text to the key alphabet [A-Za-z0-9_-]; long names keep a hash suffix.
+
+    A name with non-ASCII characters is spelled in ASCII where Unicode can (é → e) and always keeps
+    a hash of the name (in NFC, so a macOS NFD name gives the same key) as a suffix: replacing the
+    characters alone gave ``café`` and ``cafè``, or any two names in another script, one key, and
+    all but one of those inputs were lost as duplicate keys."""
+    if not text.isascii():
+        composed = unicodedata.normalize("NFC", text)
+        spelled = unicodedata.normalize("NFKD", composed).encode("ascii", "ignore").decode()
+        key = _UNSAFE.sub("_", spelled).strip("_") or "x"
+        return f"{key[: max_len - 9]}-{hashlib.sha1(composed.encode()).hexdigest()[:8]}"
     key = _UNSAFE.sub("_", text).strip("_") or "x"
     if len(key) > max_len:
         key = key[: max_len - 9] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
@@ -111,24 +127,74 @@ def synthetic_refs(spec: str, start: int = 0, stop: int | None = None) -> Iterat
                        dataset="synthetic")
 
 
+# Leading bytes of compressed streams: members cannot be read by offset inside them.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _tar_stem(path: str) -> str:
+    name = posixpath.basename(path)
+    ext = next((e for e in TAR_EXTENSIONS if name.lower().endswith(e)), "")
+    return safe_key(name[: len(name) - len(ext)] if ext else os.path.splitext(name)[0])
+
+
 def tar_refs(path: str) -> Iterator[ImageRef]:
-    """Image members of one uncompressed WebDataset tar, streamed; each is read by offset later."""
-    stem = safe_key(os.path.splitext(posixpath.basename(path))[0])
-    with FileSystems.open(path) as handle:
-        with tarfile.open(fileobj=handle, mode="r|") as tar:
-            for info in tar:
-                if not (info.isfile() and is_image(info.name)):
-                    continue
-                member_key = info.name.split("/")[-1].split(".")[0]
-                prefix = posixpath.dirname(info.name)
-                key = safe_key(f"{stem}_{prefix}_{member_key}" if prefix else f"{stem}_{member_key}")
-                yield ImageRef(key=key, uri=f"{path}#{info.name}",
-                               loader={"kind": "tar", "path": path, "offset": info.offset_data,
-                                       "size": info.size})
+    """Image members of one uncompressed WebDataset tar, streamed; each is read by offset later.
+
+    Members are never extracted, so names like ``../x.jpg`` or ``/etc/x.jpg`` are harmless: their
+    keys are made safe like any other (``{stem}___x``, ``{stem}__etc_x``) and the uri keeps the
+    name. A member name repeated in the tar gets ``@{offset}`` in its uri: another input with the
+    same key, so the first member keeps the key and the later ones are ``duplicate_key`` rows.
+    A tar that cannot be read to its end (cut short, a broken header) keeps the members listed
+    before the damage and adds one ``bad_tar`` input for itself; a compressed tar is one
+    ``compressed_tar`` input that names the fix. Neither stops the run."""
+    stem = _tar_stem(path)
+    seen: set[str] = set()
+    listed = 0
+    # opened as stored: Beam would decompress a .tar.gz by its name, and reading members by offset
+    # inside a compressed stream means decompressing from the start for every member
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        head = handle.read(8)
+        compression = next((name for magic, name in _COMPRESSED.items() if head.startswith(magic)), None)
+        if compression:
+            yield invalid_ref(stem, path, "compressed_tar",
+                              f"{compression}-compressed tar: members are read by offset, which needs an "
+                              f"uncompressed tar; decompress it (e.g. gunzip, zstd -d) and read the .tar")
+            return
+        handle.seek(0)
+        try:
+            with tarfile.open(fileobj=handle, mode="r|") as tar:
+                for info in tar:
+                    if not (info.isfile() and is_image(info.name)):
+                        continue
+                    member_key = info.name.split("/")[-1].split(".")[0]
+                    prefix = posixpath.dirname(info.name)
+                    key = safe_key(f"{stem}_{prefix}_{member_key}" if prefix else f"{stem}_{member_key}")
+                    uri = f"{path}#{info.name}" + (f"@{info.offset}" if info.name in seen else "")
+                    seen.add(info.name)
+                    listed += 1
+                    yield ImageRef(key=key, uri=uri,
+                                   loader={"kind": "tar", "path": path, "offset": info.offset_data,
+                                           "size": info.size})
+        except (tarfile.TarError, EOFError) as exc:
+            yield invalid_ref(stem, path, "bad_tar",
+                              f"{type(exc).__name__}: {exc} after {listed} image members (those are "
+                              f"inputs of their own); the rest of the tar cannot be listed")
 
 
 def _base(path: str) -> str:
     return posixpath.dirname(path) if "://" not in path else path.rsplit("/", 1)[0]
+
+
+def _resolve(base: str, location: str) -> str:
+    """A relative manifest path against the manifest's folder, with ``.`` and ``..`` resolved, so
+    the uri (the input's identity across runs and manifests) names the file as a listing would:
+    ``lists/../images/a.png`` is ``images/a.png``."""
+    joined = FileSystems.join(base, location)
+    scheme, sep, rest = joined.partition("://")
+    if not sep:
+        return posixpath.normpath(joined)
+    bucket, _, name = rest.partition("/")
+    return f"{scheme}://{bucket}/{posixpath.normpath(name)}" if name else joined
 
 
 def _given(row: dict[str, Any], base: str) -> dict[str, Any] | None:
@@ -142,7 +208,7 @@ def _given(row: dict[str, Any], base: str) -> dict[str, Any] | None:
     for name in ("sa1b", "coco"):
         if row.get(name):
             value = row[name]
-            given[name] = value if "://" in value or value.startswith("/") else FileSystems.join(base, value)
+            given[name] = value if "://" in value or value.startswith("/") else _resolve(base, value)
     if row.get("image_id") not in (None, ""):
         given["image_id"] = row["image_id"]
     return given or None
@@ -152,7 +218,8 @@ def manifest_ref(path: str, row: Any, where: str) -> ImageRef:
     """One manifest row → an input: ``path``/``uri`` (relative to the manifest) and optional
     ``key``, ``dataset``, ``boxes`` ([[x,y,w,h],...]), ``masks`` (COCO RLE list), ``labels``,
     ``sa1b`` (per-image SA-1B json) or ``coco`` (instances json) with ``image_id``.
-    A row that is not usable becomes an ``invalid`` input named after the row."""
+    A relative path may climb out of the manifest's folder (``../images/a.png``); it is resolved
+    (see ``_resolve``). A row that is not usable becomes an ``invalid`` input named after the row."""
     fallback = safe_key(f"{posixpath.basename(path)}-{where}")
     uri = f"{path}#{where}"
     if not isinstance(row, dict):
@@ -165,7 +232,7 @@ def manifest_ref(path: str, row: Any, where: str) -> ImageRef:
                            f"{where} has no 'path' or 'uri' column; add one")
     base = _base(path)
     if "://" not in location and not location.startswith("/"):
-        location = FileSystems.join(base, location)
+        location = _resolve(base, location)
     key = safe_key(str(key_cell)) if key_cell not in (None, "") else safe_key(
         os.path.splitext(posixpath.basename(location))[0])
     try:
@@ -189,9 +256,107 @@ def _row_too_large(path: str, size: int, key: str | None, where: str) -> ImageRe
                        f"into per-image files (e.g. 'sa1b' or 'coco' columns)")
 
 
-def jsonl_ref(path_and_line: tuple[str, str]) -> Iterator[ImageRef]:
+class LongLine(NamedTuple):
+    """A .jsonl line over MAX_ROW_BYTES, as read without keeping it: size, start and sha1."""
+
+    size: int
+    head: bytes
+    sha1: str
+
+
+class _Line:
+    """The line being read: kept up to ``limit`` bytes; past that only its size, its first 1000
+    bytes and its sha1 (over the line without its line break, as Beam's text source gives it)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.size = limit, 0
+        self.parts: list[bytes] | None = []
+        self.head, self.digest, self.held = b"", hashlib.sha1(), b""
+
+    def add(self, piece: bytes) -> None:
+        if not piece:
+            return
+        self.size += len(piece)
+        if self.parts is not None:
+            self.parts.append(piece)
+            if self.size <= self.limit:
+                return
+            piece, self.parts = b"".join(self.parts), None
+            self.head = piece[:1000]
+        self.digest.update(self.held + piece[:-1])   # the last byte waits: it may be the \r of \r\n
+        self.held = piece[-1:]
+
+    def done(self) -> bytes | LongLine:
+        if self.parts is not None:
+            return b"".join(self.parts).removesuffix(b"\r")
+        if self.held != b"\r":
+            self.digest.update(self.held)
+        return LongLine(self.size - (self.held == b"\r"), self.head, self.digest.hexdigest())
+
+
+def read_lines(handle: Any, limit: int = MAX_ROW_BYTES,
+               chunk: int = 1 << 20) -> Iterator[tuple[int, bytes | LongLine]]:
+    """(bytes consumed, line) for each line of ``handle`` from where it stands, read in chunks:
+    time linear in the file's size and memory below ``limit`` + ``chunk`` however long a line is
+    (a longer line comes as a LongLine). Lines end at a line feed; a carriage return before it
+    is dropped."""
+    line = _Line(limit)
+    while True:
+        data = handle.read(chunk)
+        if not data:
+            if line.size:
+                yield line.size, line.done()
+            return
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            line.add(data[start:end])
+            consumed = line.size + 1
+            yield consumed, line.done()
+            line, start = _Line(limit), end + 1
+        line.add(data[start:])
+
+
+class JsonlSource(FileBasedSource):
+    """(path, line) of .jsonl manifests, split across workers by byte ranges like Beam's text
+    source. Beam's text source grows its buffer by 8 KB copies, so one 100 MB line took it minutes
+    (and a 1 GB line would never end); lines here cost time linear in their size (read_lines)."""
+
+    def __init__(self, file_pattern: str) -> None:
+        super().__init__(file_pattern, compression_type=CompressionTypes.AUTO, validate=False)
+
+    def read_records(self, file_name: str, range_tracker: Any) -> Iterator[tuple[str, bytes | LongLine]]:
+        start = range_tracker.start_position()
+        with self.open_file(file_name) as handle:
+            # a range's first line is the first that starts inside it: the line holding byte
+            # start - 1 belongs to the range before
+            position = max(start - 1, 0)
+            handle.seek(position)
+            lines = read_lines(handle)
+            if start > 0:
+                position += next(lines, (0, b""))[0]
+            for consumed, line in lines:
+                if not range_tracker.try_claim(position):
+                    return
+                yield file_name, line
+                position += consumed
+
+
+def jsonl_ref(path_and_line: tuple[str, bytes | str | LongLine]) -> Iterator[ImageRef]:
     """One line of a .jsonl manifest (blank lines are skipped)."""
     path, line = path_and_line
+    if isinstance(line, LongLine):
+        found = _KEY_AT_START.match(line.head.decode("utf-8", "replace"))
+        yield _row_too_large(path, line.size, found.group(1) if found else None,
+                             f"line-{line.sha1[:10]}")
+        return
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            digest = hashlib.sha1(line).hexdigest()[:10]
+            yield invalid_ref(safe_key(f"{posixpath.basename(path)}-line-{digest}"), f"{path}#{digest}",
+                              "bad_manifest_row", f"not UTF-8 ({exc})")
+            return
     if not line.strip():
         return
     if len(line) > MAX_ROW_BYTES:
@@ -251,14 +416,14 @@ def check_spec(spec: str) -> str:
     # list one entry now: a listing that fails (permissions, credentials, network) must stop the
     # run naming the cause, not look like an input with no images
     pattern = FileSystems.join(spec.rstrip("/"), "*") if not wildcard and not is_image(spec) and \
-        not lowered.endswith((".tar", *MANIFEST_EXTENSIONS)) else spec
+        not lowered.endswith((*TAR_EXTENSIONS, *MANIFEST_EXTENSIONS)) else spec
     _probe(spec, lambda: FileSystems.match([pattern], limits=[1]))
     if "://" not in spec and os.path.isdir(spec) and not os.access(spec, os.R_OK | os.X_OK):
         raise ConfigError(f"--input: cannot list '{spec}': permission denied")
     for ext in MANIFEST_EXTENSIONS:
         if lowered.endswith(ext):
             return ext.lstrip(".")
-    if lowered.endswith(".tar"):
+    if lowered.endswith(TAR_EXTENSIONS):
         return "tar"
     if wildcard:
         return "glob"
@@ -313,7 +478,8 @@ class ReadInputs(beam.PTransform):
         if kind == "tar":
             return paths | "TarMembers" >> beam.FlatMap(tar_refs)
         if kind == "jsonl":
-            return (paths | "Lines" >> beam.io.ReadAllFromText(with_filename=True)
+            return (paths | "Lines" >> ReadAllFiles(True, CompressionTypes.AUTO, 64 * 1024 * 1024, 0,
+                                                    JsonlSource)
                     | "Rows" >> beam.FlatMap(jsonl_ref))
         if kind == "csv":
             return paths | "Rows" >> beam.FlatMap(csv_refs)
@@ -351,7 +517,7 @@ def _list_kind(kind: str, paths: list[str], root: str) -> Iterator[ImageRef]:
             yield from csv_refs(path)
         elif kind == "jsonl":
             with FileSystems.open(path) as handle:
-                for line in handle.read().decode("utf-8").splitlines():
+                for _, line in read_lines(handle):
                     yield from jsonl_ref((path, line))
         else:
             import pyarrow.parquet as pq

@@ -369,3 +369,56 @@ def test_pixels_handed_on_are_those_of_the_stored_bytes(fmt: str, size: tuple[in
         assert fmt == "JPEG" and decoded.data[:2] == b"\xff\xd8" and size[0] > 128
     else:
         np.testing.assert_array_equal(decoded.pixels, np.asarray(_stored(decoded).convert("RGB")))
+
+
+# --------------------------------------------------------------------------- garbage after a valid header
+
+
+def _garbage_after_header(data: bytes, seed: int) -> bytes:
+    """A valid JPEG's header up to its first scan, then 4000 random bytes."""
+    sos = data.index(b"\xff\xda")
+    end = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+    return data[:end] + np.random.default_rng(seed).integers(0, 256, 4000, dtype=np.uint8).tobytes()
+
+
+def test_garbage_after_a_valid_jpeg_header_is_corrupt() -> None:
+    """libjpeg decodes some such files without an error (it ends the scan at a marker-like byte
+    pair and fills grey); none of these may become a record."""
+    header = _encode(_noise_rgb(), "JPEG")
+    reasons = {_reason(_garbage_after_header(header, seed)).reason for seed in range(40)}
+    assert reasons == {"corrupt"}
+
+
+def test_garbage_pixel_data_in_a_png_is_corrupt_not_truncated() -> None:
+    data = _encode(_noise_rgb(), "PNG")
+    idat = data.index(b"IDAT")
+    length = int.from_bytes(data[idat - 4:idat], "big")
+    chunk = b"IDAT" + np.random.default_rng(0).integers(0, 256, length, dtype=np.uint8).tobytes()
+    bad = data[:idat] + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[idat + 4 + length + 4:]
+    assert _reason(bad).reason == "corrupt"
+
+
+@pytest.mark.parametrize("options", [{}, {"progressive": True}, {"restart_marker_blocks": 2}, {"exif": 1}],
+                         ids=["baseline", "progressive", "restarts", "exif"])
+def test_sound_jpegs_pass_the_scan_check(options) -> None:
+    if "exif" in options:
+        exif = Image.Exif()
+        exif[0x0112] = options["exif"]
+        options = {"exif": exif.tobytes()}
+    data = _encode(_noise_rgb(200, 120), "JPEG", **options)
+    assert decode(data, SETTINGS).width == 200
+
+
+def test_a_tar_member_cut_short_is_truncated(tmp_path: Path) -> None:
+    payload = _encode(_noise_rgb(), "PNG")
+    path = tmp_path / "cut.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("a.png")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    path.write_bytes(path.read_bytes()[: 512 + 100])
+    loader = {"kind": "tar", "path": str(path), "offset": 512, "size": len(payload)}
+    ref = ImageRef("a", f"{path}#a.png", loader)
+    with pytest.raises(InputError) as caught:
+        read_bytes(ref, 10**6)
+    assert caught.value.reason == "truncated" and "100 of" in caught.value.detail

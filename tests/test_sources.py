@@ -321,6 +321,11 @@ def test_a_key_used_by_two_inputs_is_one_sample_and_one_failure() -> None:
     assert out["new"] == [] and [f.source for f in out[FAILED]] == ["/a/cat.png"]   # written one keeps it
 
 
+# Beam finds filesystems through FileSystem.__subclasses__(), which holds them weakly: without this
+# reference a garbage collection between registering and listing made the test fail at random.
+_REGISTERED: list[type] = []
+
+
 def _denied_filesystem() -> None:
     """Registers a Beam filesystem ``denied://`` whose listing fails like a bucket without access."""
     from apache_beam.io.filesystem import BeamIOError, FileSystem
@@ -350,6 +355,7 @@ def _denied_filesystem() -> None:
             setattr(Denied, name, lambda self, *a, **k: (_ for _ in ()).throw(NotImplementedError()))
     Denied.join = lambda self, base, *paths: "/".join([base.rstrip("/"), *paths])
     Denied.__abstractmethods__ = frozenset()
+    _REGISTERED.append(Denied)
 
 
 @pytest.mark.parametrize("spec", ["denied://bucket/photos", "denied://bucket/photos/*.jpg",
@@ -399,3 +405,121 @@ def test_a_huge_manifest_row_becomes_a_named_failure(tmp_path: Path, kind: str) 
     assert set(refs) == {"big", "fine"}
     assert refs["big"].loader["kind"] == "invalid" and refs["big"].loader["reason"] == "row_too_large"
     assert refs["fine"].loader["kind"] == "file"
+
+
+# --------------------------------------------------------------------------- .jsonl reading
+
+
+def test_read_lines_keeps_short_lines_and_summarises_long_ones() -> None:
+    import hashlib
+
+    from pipelines.sources import LongLine, read_lines
+
+    long = b"x" * 50
+    text = b'{"a": 1}\r\n\n' + long + b"\r\n" + b"short\n" + b"last, no line feed"
+    got = list(read_lines(io.BytesIO(text), limit=20, chunk=7))   # chunks cut lines anywhere
+    lines = [line for _, line in got]
+    assert lines[:2] + lines[3:] == [b'{"a": 1}', b"", b"short", b"last, no line feed"]
+    summary = lines[2]
+    assert isinstance(summary, LongLine) and summary.size == 50
+    assert summary.sha1 == hashlib.sha1(long).hexdigest() and long.startswith(summary.head) and summary.head
+    assert sum(consumed for consumed, _ in got) == len(text)
+
+
+def test_jsonl_source_reads_every_line_once_across_ranges(tmp_path: Path) -> None:
+    """Split into byte ranges smaller than a line, every line is read exactly once."""
+    from pipelines.sources import JsonlSource
+
+    lines = [json.dumps({"path": f"{i}.png", "pad": "p" * (i * 7 % 40)}).encode() for i in range(30)]
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    source = JsonlSource(str(path))
+    for size in (1, 13, 50, 10**6):
+        read = [line for bundle in source.split(size)
+                for _, line in bundle.source.read(bundle.source.get_range_tracker(
+                    bundle.start_position, bundle.stop_position))]
+        assert read == lines, size
+
+
+# --------------------------------------------------------------------------- odd names and damaged tars
+
+
+def test_non_ascii_names_keep_apart(tmp_path: Path) -> None:
+    import unicodedata
+
+    names = ["café.png", "cafè.png", "写真.png", "照片.png"]
+    for name in names:
+        _write(tmp_path / name)
+    keys = {Path(ref.uri).name: ref.key for ref in list_inputs(str(tmp_path))}
+    assert len(set(keys.values())) == 4 and all(KEY.match(k) for k in keys.values())
+    assert keys["café.png"].startswith("cafe-")
+    from pipelines.sources import safe_key
+
+    assert safe_key(unicodedata.normalize("NFD", "café")) == safe_key("café")   # macOS spelling
+    assert safe_key("plain name") == "plain_name"                               # ASCII keys unchanged
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def test_tar_member_names_are_never_paths(tmp_path: Path) -> None:
+    """Members are read by offset: '../' and '/' names only shape a safe key; a repeated name is a
+    second input with the same key (the first keeps it)."""
+    path = _tar(tmp_path / "t.tar", [("../x.jpg", _png((1, 0, 0))), ("/etc/x.jpg", _png((2, 0, 0))),
+                                     ("same.png", _png((3, 0, 0))), ("same.png", _png((4, 0, 0)))])
+    refs = list_inputs(str(path))
+    by_uri = {ref.uri.split("#", 1)[1]: ref for ref in refs}
+    assert len(by_uri) == 4
+    assert by_uri["../x.jpg"].key == "t___x" and by_uri["/etc/x.jpg"].key == "t__etc_x"
+    [first, second] = sorted((r for r in refs if r.key == "t_same"), key=lambda r: r.uri)
+    assert first.uri.endswith("#same.png") and re.search(r"#same\.png@\d+$", second.uri)
+    assert read_bytes(first, 10**6)[0] == _png((3, 0, 0)) and read_bytes(second, 10**6)[0] == _png((4, 0, 0))
+
+
+def test_a_damaged_tar_keeps_its_members_and_names_the_damage(tmp_path: Path) -> None:
+    whole = _tar(tmp_path / "whole.tar", [("a.png", _png((1, 0, 0))), ("b.png", _png((2, 0, 0)))])
+    with tarfile.open(whole) as tar:
+        cut_at = tar.getmember("b.png").offset_data + 50          # inside b.png's data
+    (tmp_path / "cut.tar").write_bytes(whole.read_bytes()[:cut_at])
+    whole.unlink()
+    (tmp_path / "text.tar").write_bytes(b"not a tar at all\n" * 100)
+    refs = {ref.key: ref for ref in list_inputs(str(tmp_path / "*.tar"))}
+    assert refs["cut_a"].loader["kind"] == refs["cut_b"].loader["kind"] == "tar"
+    assert refs["cut"].loader["reason"] == refs["text"].loader["reason"] == "bad_tar"
+
+
+@pytest.mark.parametrize("name", ["zipped.tar", "zipped.tar.gz", "zipped.tgz"])
+def test_a_compressed_tar_is_one_named_failure(tmp_path: Path, name: str) -> None:
+    import gzip
+
+    from pipelines.sources import check_spec
+
+    plain = _tar(tmp_path / "plain.tar", [("a.png", _png())]).read_bytes()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(plain))
+    assert check_spec(str(path)) == "tar"
+    [ref] = list_inputs(str(path))
+    assert ref.key == "zipped" and ref.loader["reason"] == "compressed_tar"
+    assert "gunzip" in ref.loader["detail"]
+
+
+def test_manifest_paths_climbing_out_are_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _manifest_images(tmp_path)
+    (tmp_path / "lists").mkdir()
+    manifest = tmp_path / "lists" / "m.jsonl"
+    manifest.write_text(json.dumps({"path": "../images/./cat.png"}) + "\n")
+    [ref] = list_inputs(str(manifest))
+    assert ref.uri == str(tmp_path / "images" / "cat.png") == ref.loader["path"]
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipelines.sources import _resolve
+
+    # as Beam's GCS filesystem joins (not installed here)
+    monkeypatch.setattr(FileSystems, "join", lambda base, *paths: "/".join([base.rstrip("/"), *paths]))
+    assert _resolve("gs://bucket/lists", "../images/./a.png") == "gs://bucket/images/a.png"
