@@ -1,9 +1,23 @@
-"""Throughput and client CPU of VllmChatClient against a local server with a fixed latency.
+"""Throughput and client CPU of VllmChatClient against a local server with a fixed latency, and
+the caption engine's CPU to render and encode a region request's images, from the same run.
 
 The server (tests/fault_server.py, no faults) runs in a child process, so the CPU time measured
 here is the client's alone. With ``in_flight`` requests outstanding and a server answering each
 after ``latency_ms``, the ideal rate is in_flight / latency; the report gives the achieved share
-of it and the client's process CPU time per request. Targets: >= 90 % of ideal, <= 1 ms CPU.
+of it (``efficiency``) and the client's process CPU time per request
+(``client_cpu_ms_per_request``, also ``cpu_per_request_ms``).
+
+Rendering is measured apart (DESIGN.md, CPU budget), after the server has stopped: the caption
+engine builds the first request of each umg region target the way a batch does
+(``ProgramCaptioner._request`` on a ``BatchImages``: template filled in, visual prompts drawn at
+the client's pixel budget and encoded, masks decoded), on a 1024 px JPEG photo with object-like
+masks of 1 to 40 % of the image (``bench/prompt_bench.py``). ``render_ms_per_region_request`` is
+the median CPU of a umg region (box) request, ``render.pixel`` the same for a pixel request
+(contour + masked crop); the whole image, prepared once per image and shared by all of its
+regions, is reported per image (``render.per_image``). ``sum_ms_per_region_request`` is client +
+rendering: what the CPUs spend on one region request.
+
+Targets: >= 90 % of ideal; client <= 1 ms CPU per request; rendering <= 12 ms; sum <= 13 ms.
 
     python bench/caption_client_bench.py --requests 5000 --in-flight 256 --latency-ms 100
     python bench/caption_client_bench.py --smoke --json /tmp/smoke.json
@@ -23,7 +37,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -38,7 +52,10 @@ log = logging.getLogger("caption_client_bench")
 
 TARGET_EFFICIENCY = 0.90
 TARGET_CPU_MS = 1.0
-SMOKE = {"requests": 40, "in_flight": 8, "latency_ms": 20.0}
+TARGET_RENDER_MS = 12.0
+TARGET_SUM_MS = TARGET_CPU_MS + TARGET_RENDER_MS
+SMOKE = {"requests": 40, "in_flight": 8, "latency_ms": 20.0, "render_side": 256,
+         "render_masks": 2, "render_repeat": 1}
 
 
 def make_requests(n: int, client: VllmChatClient, image_side: int) -> list[ChatRequest]:
@@ -78,6 +95,59 @@ def time_client(server: ProcessFaultServer, args: argparse.Namespace) -> dict[st
             "retries": client.metrics["retries"]}
 
 
+def _cpu_ms(fn: Callable[[], Any]) -> float:
+    """This thread's CPU milliseconds to run ``fn``."""
+    start = time.thread_time()
+    fn()
+    return 1000 * (time.thread_time() - start)
+
+
+def time_rendering(args: argparse.Namespace) -> dict[str, Any]:
+    """CPU of the caption engine building each umg region target's first request (see the
+    module docstring): per level, the median and worst per request; per image, the whole image
+    and the decoded, fitted canvas its prompts are drawn on."""
+    import statistics
+
+    from annotators.base import CaptionInput, RegionView
+    from annotators.caption.engine import BatchImages
+    from annotators.caption.program import DEFAULT_CLIENT
+    from annotators.registry import build_captioner
+    from annotators.segment import masks as rle
+    from bench.prompt_bench import masks, photo, stored_bytes
+
+    side = args.render_side
+    regions = []
+    for i, (mask, bbox) in enumerate(masks(side, args.render_masks)):
+        regions.append(RegionView(f"r{i}", "region", None, bbox, bbox[2] * bbox[3], None))
+        regions.append(RegionView(f"p{i}", "pixel", None, bbox, float(mask.sum()),
+                                  rle.encode(mask)))
+    item = CaptionInput("bench", side, side, stored_bytes(photo(side), "jpeg"), regions)
+    cap = build_captioner({"name": "vllm", "model": "fake-vlm", "program": "umg",
+                           "endpoints": ["http://127.0.0.1:9/v1"]})   # never contacted
+    options = cap.image_options(DEFAULT_CLIENT)
+    cpu: dict[str, list[float]] = {"region": [], "pixel": [], "whole": [], "canvas": []}
+    for _ in range(args.render_repeat):
+        images = BatchImages([item])           # nothing drawn or encoded yet
+        prepared = images.of(0, options)
+        cpu["whole"].append(_cpu_ms(prepared.whole))
+        cpu["canvas"].append(_cpu_ms(lambda: prepared.canvas.frame()))   # decoded on first use
+        for target in cap._targets([item])[0][1:]:
+            step = cap.program.steps[target.level][0]
+            cpu[target.level].append(_cpu_ms(lambda: cap._request(images, target, step)))
+
+    def level(name: str) -> dict[str, Any]:
+        step = cap.program.steps[name][0]
+        return {"step": step.name, "images": list(step.images),
+                "cpu_ms": round(statistics.median(cpu[name]), 3),
+                "cpu_ms_max": round(max(cpu[name]), 3), "requests": len(cpu[name])}
+
+    return {"program": "umg", "side": side, "stored": "jpeg", "max_pixels": options.max_pixels,
+            "prompt_format": options.prompt_format, "prompt_quality": options.prompt_quality,
+            "region": level("region"), "pixel": level("pixel"),
+            "per_image": {"whole_ms": round(statistics.median(cpu["whole"]), 3),
+                          "canvas_ms": round(statistics.median(cpu["canvas"]), 3)}}
+
+
 def time_baseline(server: ProcessFaultServer, args: argparse.Namespace) -> dict[str, Any]:
     """The same bodies through a bare aiohttp session (no SDK, no checks): the floor."""
     import aiohttp
@@ -101,16 +171,23 @@ def time_baseline(server: ProcessFaultServer, args: argparse.Namespace) -> dict[
     return {"rps": args.requests / wall, "cpu_per_request_ms": 1000 * cpu / args.requests}
 
 
-def summarize(args: argparse.Namespace, timing: dict[str, Any]) -> dict[str, Any]:
-    """The report: rates, efficiency, CPU per request, targets and the environment."""
+def summarize(args: argparse.Namespace, timing: dict[str, Any],
+              render: dict[str, Any]) -> dict[str, Any]:
+    """The report: rates, efficiency, client and rendering CPU, targets and the environment."""
     ideal = args.in_flight / (args.latency_ms / 1000)
     rps = args.requests / timing["wall_s"]
     cpu_ms = 1000 * timing["client_cpu_s"] / args.requests
+    render_ms = render["region"]["cpu_ms"]
+    total_ms = cpu_ms + render_ms
     return {
         "requests": args.requests, "in_flight": args.in_flight, "latency_ms": args.latency_ms,
         "transport": args.transport, "image_side": args.image_side,
         "wall_s": round(timing["wall_s"], 3), "rps": round(rps, 1), "ideal_rps": round(ideal, 1),
         "efficiency": round(rps / ideal, 4), "cpu_per_request_ms": round(cpu_ms, 4),
+        "client_cpu_ms_per_request": round(cpu_ms, 4),
+        "render_ms_per_region_request": render_ms,
+        "sum_ms_per_region_request": round(total_ms, 3),
+        "render": render,
         # One event-loop thread cannot go faster than one core / CPU per request, whatever the
         # machine's load: the rate this client could reach on an idle core.
         "cpu_bound_ceiling_rps": round(1000 / cpu_ms, 1),
@@ -118,9 +195,13 @@ def summarize(args: argparse.Namespace, timing: dict[str, Any]) -> dict[str, Any
         "server_cpu_per_request_ms": round(1000 * timing["server_cpu_s"] / args.requests, 4),
         "answers": timing["answers"], "failures": timing["failures"],
         "failure_reasons": timing["failure_reasons"], "retries": timing["retries"],
-        "targets": {"efficiency": TARGET_EFFICIENCY, "cpu_per_request_ms": TARGET_CPU_MS},
+        "targets": {"efficiency": TARGET_EFFICIENCY, "cpu_per_request_ms": TARGET_CPU_MS,
+                    "render_ms_per_region_request": TARGET_RENDER_MS,
+                    "sum_ms_per_region_request": TARGET_SUM_MS},
         "met": {"efficiency": rps / ideal >= TARGET_EFFICIENCY,
-                "cpu_per_request_ms": cpu_ms <= TARGET_CPU_MS},
+                "cpu_per_request_ms": cpu_ms <= TARGET_CPU_MS,
+                "render_ms_per_region_request": render_ms <= TARGET_RENDER_MS,
+                "sum_ms_per_region_request": total_ms <= TARGET_SUM_MS},
         "environment": environment(),
     }
 
@@ -139,7 +220,7 @@ def environment() -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     """A short human-readable report."""
-    met = report["met"]
+    met, render = report["met"], report["render"]
     lines = [
         f"requests {report['requests']}  in flight {report['in_flight']}  "
         f"server latency {report['latency_ms']} ms  transport {report['transport']}",
@@ -149,6 +230,15 @@ def render(report: dict[str, Any]) -> str:
         f"client CPU {report['cpu_per_request_ms']:.3f} ms/request (target <= "
         f"{TARGET_CPU_MS} ms: {'met' if met['cpu_per_request_ms'] else 'NOT met'}); "
         f"server CPU {report['server_cpu_per_request_ms']:.3f} ms/request",
+        f"rendering, umg region request ({'+'.join(render['region']['images'])}): "
+        f"{report['render_ms_per_region_request']:.2f} ms CPU (target <= {TARGET_RENDER_MS} ms: "
+        f"{'met' if met['render_ms_per_region_request'] else 'NOT met'}); pixel request "
+        f"({'+'.join(render['pixel']['images'])}) {render['pixel']['cpu_ms']:.2f} ms",
+        f"per image, once: whole image {render['per_image']['whole_ms']:.2f} ms, decoded and "
+        f"fit canvas {render['per_image']['canvas_ms']:.2f} ms",
+        f"client + rendering per region request: {report['sum_ms_per_region_request']:.2f} ms "
+        f"(target <= {TARGET_SUM_MS} ms: "
+        f"{'met' if met['sum_ms_per_region_request'] else 'NOT met'})",
         f"CPU-bound ceiling of one event loop: {report['cpu_bound_ceiling_rps']:.0f} req/s "
         f"= {report['ceiling_efficiency']:.1%} of ideal",
         f"answers {report['answers']}  failures {report['failures']}  retries {report['retries']}"
@@ -171,6 +261,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-side", type=int, default=0,
                         help="also send a shared N x N JPEG with every request (0: none)")
     parser.add_argument("--baseline-aiohttp", action="store_true")
+    parser.add_argument("--render-side", type=int, default=1024,
+                        help="side of the photo the rendering is measured on")
+    parser.add_argument("--render-masks", type=int, default=8, help="regions per level")
+    parser.add_argument("--render-repeat", type=int, default=3)
     parser.add_argument("--json", metavar="OUT", help="also write the report as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny run (for tests)")
     args = parser.parse_args(argv)
@@ -179,16 +273,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.requests < 1 or args.in_flight < 1 or args.latency_ms <= 0:
         parser.error("--requests and --in-flight must be >= 1, --latency-ms > 0")
+    if args.render_side < 32 or args.render_masks < 1 or args.render_repeat < 1:
+        parser.error("--render-side must be >= 32, --render-masks and --render-repeat >= 1")
     return args
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Start the server process, time the client (and the baseline), build the report."""
+    """Start the server process, time the client (and the baseline); then, the server stopped,
+    time the rendering; build the report."""
     config = FaultConfig(latency_s=args.latency_ms / 1000, record=False)
     with start_in_process(config) as server:
-        report = summarize(args, time_client(server, args))
-        if args.baseline_aiohttp:
-            report["baseline_aiohttp"] = time_baseline(server, args)
+        timing = time_client(server, args)
+        baseline = time_baseline(server, args) if args.baseline_aiohttp else None
+    report = summarize(args, timing, time_rendering(args))
+    if baseline is not None:
+        report["baseline_aiohttp"] = baseline
     return report
 
 

@@ -131,8 +131,8 @@ def test_free_text_succeeds_with_allow_truncated(tiny_model: Path, tmp_path: Pat
     assert sum(bool(t.caption) for t in texts) >= 2
     # structured answers are never kept cut: random weights fail the regions' tags step
     tag_failures = [f for r in results for f in r.failures if f.detail.startswith("step tags")]
-    assert tag_failures and {f.reason for f in tag_failures} <= {"truncated", "bad_json",
-                                                                  "empty", "repetition"}
+    assert tag_failures and {f.reason for f in tag_failures} <= {
+        "truncated", "answer_not_json", "answer_schema", "empty", "repetition"}
 
 
 def test_valid_json_answers_fill_every_target(tiny_model: Path,
@@ -178,7 +178,8 @@ def test_client_answers_in_order_and_sampling_is_seeded(tiny_model: Path) -> Non
 
 def test_structured_answers_are_asked_again(tiny_model: Path) -> None:
     client = LocalChatClient({"model": str(tiny_model), **FAST, "answer_retries": 1,
-                              "retry_answer_reasons": ["bad_json", "truncated"]})
+                              "retry_answer_reasons": ["answer_not_json", "answer_schema",
+                                                       "truncated"]})
     request = GenerationRequest("Tags?", json_schema={"type": "object", "required": ["tags"]})
     [answer] = client.generate([request])
     assert not isinstance(answer, ChatAnswer) and answer.reason in ANSWER_REASONS, answer

@@ -130,6 +130,7 @@ OUTPUT_CHANGES = [
     ("vllm", {"captioner": {"client": {"refusal_phrases": ["nope"]}}}),
     ("vllm", {"captioner": {"client": {"repetition_max_repeats": 3}}}),
     ("vllm", {"captioner": {"client": {"allow_truncated": True}}}),
+    ("vllm", {"captioner": {"client": {"max_answer_chars": 4096}}}),
     ("vllm-server", {"captioner": {"server": {"command": ["vllm", "serve", "/models/other",
                                                           "--port", "{port}"]}}}),
     ("vllm-named", {"captioner": {"clients": {"tagger": {"model": "other-tagger"}}}}),

@@ -104,7 +104,7 @@ def test_mixed_faults_each_request_ends_once_and_counters_match(transport: str) 
 EXPECTED = {"http_500": "http_500", "http_503": "http_503", "http_429": "http_429",
             "http_400": "http_400", "hang": "timeout", "bad_body": "bad_response",
             "drop": "connection", "refusal": "refusal", "empty": "empty",
-            "repetition": "repetition", "truncated": "truncated", "bad_json": "bad_json"}
+            "repetition": "repetition", "truncated": "truncated", "bad_json": "answer_not_json"}
 
 
 @pytest.mark.parametrize("transport", ["aiohttp", "direct"])
@@ -143,7 +143,7 @@ def test_transient_faults_recover_on_retry(server: Any) -> None:
     assert [r.attempts for r in results] == [3, 2, 2, 2, 4]
     assert results[3].parsed["tags"]
     assert client.metrics["retry_reasons"] == {"http_503": 2, "connection": 1, "timeout": 1,
-                                               "bad_json": 1, "http_429": 3}
+                                               "answer_not_json": 1, "http_429": 3}
 
 
 def test_dead_endpoint_is_skipped_and_all_requests_succeed(server: Any) -> None:
@@ -317,21 +317,23 @@ def test_answer_check_functions() -> None:
     fenced = '```json\n{"tags": ["a"]}\n```'
     assert parse_json_answer(fenced, TAGS_SCHEMA) == ({"tags": ["a"]}, None)
     value, error = parse_json_answer('{"tags": ["a"', TAGS_SCHEMA)
-    assert value is None and error.startswith("not JSON")
+    assert value is None and error[0] == "answer_not_json" and error[1].startswith("not JSON")
     value, error = parse_json_answer('{"tags": []}', TAGS_SCHEMA)
-    assert value is None and "schema" in error and "tags" in error
+    assert value is None and error[0] == "answer_schema" and "tags" in error[1]
     assert parse_json_answer('{"x": 1}') == ({"x": 1}, None)
 
 
 def test_check_answer_reasons_and_order() -> None:
     checks = AnswerChecks()
-    assert check_answer("", "stop")[1][0] == "empty"
-    assert check_answer("I cannot do that.", "stop", TAGS_SCHEMA)[1][0] == "refusal"
-    assert check_answer("loop " * 100, "length")[1][0] == "repetition"
-    assert check_answer('{"tags": ["a"]}', "length", TAGS_SCHEMA)[1][0] == "truncated"
-    assert check_answer('{"tags": 3}', "stop", TAGS_SCHEMA, checks)[1][0] == "bad_json"
-    assert check_answer('{"tags": ["a"]}', "stop", TAGS_SCHEMA) == ({"tags": ["a"]}, None)
-    assert check_answer("A cat.", "stop") == (None, None)
+    assert check_answer("", "stop").problem[0] == "empty"
+    assert check_answer("I cannot do that.", "stop", TAGS_SCHEMA).problem[0] == "refusal"
+    assert check_answer("loop " * 100, "length").problem[0] == "repetition"
+    assert check_answer('{"tags": ["a"]}', "length", TAGS_SCHEMA).problem[0] == "truncated"
+    assert check_answer('{"tags": 3}', "stop", TAGS_SCHEMA, checks).problem[0] == "answer_schema"
+    assert check_answer('{"tags": ["a"', "stop", TAGS_SCHEMA).problem[0] == "answer_not_json"
+    assert check_answer('{"tags": ["a"]}', "stop", TAGS_SCHEMA) == \
+        ('{"tags": ["a"]}', {"tags": ["a"]}, None)
+    assert check_answer("A cat.", "stop") == ("A cat.", None, None)
 
 
 def test_backoff_delay_grows_caps_and_honours_retry_after() -> None:
@@ -401,9 +403,10 @@ def test_benchmark_smoke_report_fields(tmp_path: Path) -> None:
     assert bench.main(["--smoke", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     for key in ("requests", "in_flight", "latency_ms", "wall_s", "rps", "ideal_rps",
-                "efficiency", "cpu_per_request_ms", "server_cpu_per_request_ms",
-                "cpu_bound_ceiling_rps", "ceiling_efficiency", "answers",
-                "failures", "targets", "met", "environment"):
+                "efficiency", "cpu_per_request_ms", "client_cpu_ms_per_request",
+                "render_ms_per_region_request", "sum_ms_per_region_request", "render",
+                "server_cpu_per_request_ms", "cpu_bound_ceiling_rps", "ceiling_efficiency",
+                "answers", "failures", "targets", "met", "environment"):
         assert key in report, key
     smoke = bench.SMOKE
     assert (report["requests"], report["in_flight"], report["latency_ms"]) == \
@@ -418,6 +421,18 @@ def test_benchmark_smoke_report_fields(tmp_path: Path) -> None:
     assert 0 < report["efficiency"] <= 1.02 and 0 < report["ceiling_efficiency"] <= 1
     assert report["cpu_per_request_ms"] > 0 and report["cpu_bound_ceiling_rps"] > 0
     assert report["server_cpu_per_request_ms"] >= 0
-    assert set(report["met"]) == set(report["targets"]) == {"efficiency", "cpu_per_request_ms"}
+    assert set(report["met"]) == set(report["targets"]) == {
+        "efficiency", "cpu_per_request_ms", "render_ms_per_region_request",
+        "sum_ms_per_region_request"}
     assert all(isinstance(v, bool) for v in report["met"].values())
+    # rendering: the engine's umg region (box) and pixel (contour + masked crop) requests
+    render = report["render"]
+    assert render["program"] == "umg" and render["side"] == smoke["render_side"]
+    assert render["region"]["images"] == ["image", "box"]
+    assert render["pixel"]["images"] == ["image", "contour", "masked"]
+    assert render["region"]["requests"] == render["pixel"]["requests"] == smoke["render_masks"]
+    assert 0 < report["render_ms_per_region_request"] == render["region"]["cpu_ms"]
+    assert report["client_cpu_ms_per_request"] == report["cpu_per_request_ms"]
+    assert report["sum_ms_per_region_request"] == pytest.approx(
+        report["client_cpu_ms_per_request"] + report["render_ms_per_region_request"], abs=1e-3)
     assert report["environment"]["cpus"] >= 1 and report["environment"]["python"]

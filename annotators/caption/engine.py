@@ -296,7 +296,10 @@ class ProgramCaptioner(Captioner):
 
     @staticmethod
     def _texts(outputs: dict[str, Any]) -> dict[str, str]:
-        """Earlier outputs as template text (tags joined, judge by its reason)."""
+        """Earlier outputs as template text (tags joined, judge by its reason).
+
+        They go into ``str.format`` as values, which are never read as templates: an answer
+        holding ``{caption}`` or ``}}{{`` comes out in the next prompt exactly as it was."""
         texts = {}
         for name, value in outputs.items():
             if name == "tags":

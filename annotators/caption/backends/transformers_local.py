@@ -8,10 +8,10 @@ images, each decoded once per call; no data URLs), fit to ``image_max_pixels`` e
 HTTP backend would send them (``backends.images.decode_image``; the engine's whole image and
 visual prompts arrive already fit and encoded, and are decoded as they are). There is no
 grammar-constrained decoding: for a request with a ``json_schema`` the schema is added to the
-prompt and the answer is parsed and validated afterwards, failing with ``bad_json`` when it does
-not match. Every answer goes through the same
-checks as the HTTP backend (``check_answer``: empty, refusal, repetition, truncated, bad_json;
-``allow_truncated`` honoured). ``TransformersCaptioner`` runs programs on it
+prompt and the answer is parsed and validated afterwards, failing with ``answer_not_json`` or
+``answer_schema`` when it does not match. Every answer goes through the same cleaning and
+checks as the HTTP backend (``check_answer``: answer_too_large, empty, refusal, repetition,
+truncated, answer_too_deep, answer_not_json, answer_schema; ``allow_truncated`` honoured). ``TransformersCaptioner`` runs programs on it
 (``annotators.caption.engine``), one client per client name.
 
 Longer than most modules (about 500 lines) on purpose: the settings, the backend and the
@@ -99,7 +99,8 @@ class LocalClientSettings:
     prompt_format: Literal["jpeg", "webp", "png"] = "jpeg"
     prompt_quality: int = 90
     answer_retries: int = 1                  # re-asks for answers failing a listed check
-    retry_answer_reasons: list[str] = field(default_factory=lambda: ["bad_json"])
+    retry_answer_reasons: list[str] = field(
+        default_factory=lambda: ["answer_not_json", "answer_schema"])
     answer_retry_temperature: float | None = 0.5
     allow_truncated: bool = False            # keep free text cut at the token limit
 
@@ -447,7 +448,7 @@ class LocalChatClient(Backend):
         finish = "stop" if stop is not None or len(tokens) < item.limit else "length"
         tokens = tokens if stop is None else tokens[:stop]
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-        parsed, problem = check_answer(text, finish, request.json_schema, self.checks)
+        text, parsed, problem = check_answer(text, finish, request.json_schema, self.checks)
         if problem:
             return AnnotatorFailure(problem[0], problem[1], request.region_id)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),

@@ -12,6 +12,8 @@ Captioners send many small chat requests (one per region) to one or more servers
   repeatedly is skipped for a cooldown (``endpoints``); other 4xx fail at once (``http_400``, ...;
   ``transports``). Answers failing a check (``checks``) listed in ``retry_answer_reasons`` are
   asked again.
+* An answer is data: a response body is parsed only up to ``max_body_bytes``, invalid UTF-8 in
+  it becomes U+FFFD, and the text is cleaned, bounded and parsed strictly by ``check_answer``.
 * Messages put the parts shared by all regions of an image (system prompt, whole image) first,
   for the server's prefix cache (``messages``); images are fit to a pixel budget and sent as data
   URLs (``images``).
@@ -77,6 +79,22 @@ class _LoopThread:
         self.thread.join(30)
         if not self.thread.is_alive():
             self.loop.close()
+
+
+def max_body_bytes(max_answer_chars: int) -> int:
+    """The largest response body parsed: room for an answer of ``max_answer_chars`` characters
+    written as JSON escapes (up to 12 bytes per character: a ``\\uXXXX`` surrogate pair), plus
+    1 MiB for the rest of the completion (ids, usage, log-probabilities)."""
+    return 12 * max_answer_chars + (1 << 20)
+
+
+def _json_body(content: bytes) -> Any:
+    """A response body as JSON; invalid UTF-8 (a server cutting a character in two) becomes
+    U+FFFD instead of failing the whole answer."""
+    try:
+        return json.loads(content)
+    except UnicodeDecodeError:
+        return json.loads(content.decode("utf-8", errors="replace"))
 
 
 def _new_metrics() -> dict[str, Any]:
@@ -299,7 +317,7 @@ class VllmChatClient(Backend):
             # The raw response (not the typed ChatCompletion): we check and parse it ourselves.
             response = await endpoint.client.post("/chat/completions", body=body,
                                                   cast_to=pool.raw_response)
-            data = json.loads(response.content)
+            content: bytes = response.content
         except Exception as exc:  # classified below; anything unknown is not retried
             fault = classify_error(exc, time.perf_counter() - started, endpoint.url,
                                    self.settings.timeout_s)
@@ -309,7 +327,7 @@ class VllmChatClient(Backend):
             endpoint.in_flight -= 1
             IN_FLIGHT.add(-1)
         if fault is None:
-            result = self._read(data, request, time.perf_counter() - started, endpoint.url)
+            result = self._read(content, request, time.perf_counter() - started, endpoint.url)
         else:
             result = fault
         self._note_health(pool, endpoint, result)
@@ -325,19 +343,38 @@ class VllmChatClient(Backend):
                         endpoint.url, endpoint.failures, result.reason,
                         self.settings.endpoint_cooldown_s)
 
-    def _read(self, data: Any, request: ChatRequest, latency: float,
+    def _read(self, content: bytes, request: ChatRequest, latency: float,
               url: str) -> ChatAnswer | Fault:
-        choices = data.get("choices") if isinstance(data, dict) else None
-        if not choices or not isinstance(choices[0], dict):
-            return Fault("bad_response", f"no choices in the answer from {url}",
+        """The checked answer in a response body, or why there is none.
+
+        A body over ``max_body_bytes`` is not parsed (``answer_too_large``); invalid UTF-8 is
+        decoded with U+FFFD replacements (the answer's characters are then checked like any
+        other); a body that is not a chat completion is ``bad_response``."""
+        limit = max_body_bytes(self.settings.max_answer_chars)
+        if len(content) > limit:
+            return Fault("answer_too_large", f"a {len(content)}-byte response from {url}, more "
+                         f"than the {limit} bytes an answer of at most "
+                         f"{self.settings.max_answer_chars} characters needs", "answer")
+        try:
+            data = _json_body(content)
+        except (ValueError, RecursionError) as exc:
+            return Fault("bad_response", f"unreadable response body from {url}: {exc}"[:500],
                          "transport", endpoint_fault=True)
-        choice = choices[0]
-        text = (choice.get("message") or {}).get("content") or ""
-        finish = choice.get("finish_reason") or ""
-        parsed, problem = check_answer(text, finish, request.json_schema, self.checks)
+        choices = data.get("choices") if isinstance(data, dict) else None
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        message = choice.get("message") if isinstance(choice, dict) else None
+        text = (message.get("content") if isinstance(message, dict) else None) or ""
+        if not isinstance(message, dict) or not isinstance(text, str):
+            return Fault("bad_response", f"no chat answer (choices[0].message.content as text) "
+                         f"in the response from {url}", "transport", endpoint_fault=True)
+        finish = choice.get("finish_reason")
+        finish = finish if isinstance(finish, str) else ""
+        text, parsed, problem = check_answer(text, finish, request.json_schema, self.checks)
         if problem:
             return Fault(problem[0], problem[1], "answer")
-        usage = {k: v for k, v in (data.get("usage") or {}).items() if isinstance(v, int)}
+        usage = data.get("usage")
+        usage = {k: v for k, v in usage.items() if isinstance(v, int)} \
+            if isinstance(usage, dict) else {}
         return ChatAnswer(text=text, parsed=parsed, finish_reason=finish, usage=usage,
                           latency_s=latency, endpoint=url, region_id=request.region_id)
 

@@ -5,7 +5,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from annotators.caption.backends.checks import ANSWER_REASONS, DEFAULT_REFUSALS
+from annotators.caption.backends.checks import (
+    ANSWER_REASONS,
+    DEFAULT_REFUSALS,
+    MAX_ANSWER_CHARS,
+)
 from settings import require
 
 
@@ -43,7 +47,8 @@ class ClientSettings:
     seed: int | None = 0
     extra_body: dict[str, Any] = field(default_factory=dict)   # e.g. {"repetition_penalty": 1.05}
     answer_retries: int = 1                 # re-asks for answers failing a check listed below
-    retry_answer_reasons: list[str] = field(default_factory=lambda: ["bad_json"])
+    retry_answer_reasons: list[str] = field(
+        default_factory=lambda: ["answer_not_json", "answer_schema"])
     answer_retry_temperature: float | None = 0.5   # greedy decoding would repeat the same answer
     refusal_phrases: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSALS))
     repetition_ngram: int = 4
@@ -53,6 +58,8 @@ class ClientSettings:
     # Keep free-text answers cut at max_tokens instead of failing them. Only for models that
     # never stop on their own (randomly initialised test models); structured answers still fail.
     allow_truncated: bool = False
+    # A longer answer fails (answer_too_large), never cut: raise it with max_tokens beyond ~8k.
+    max_answer_chars: int = MAX_ANSWER_CHARS
 
     # Where requests go and how hard the client tries: none of it reaches an answer that is kept.
     # Timeouts and retries of transient faults only decide whether an image is redone by a later
@@ -96,6 +103,8 @@ class ClientSettings:
         require(self.temperature >= 0, "temperature", "must be >= 0")
         require(self.max_tokens >= 1, "max_tokens", "must be >= 1")
         require(self.answer_retries >= 0, "answer_retries", "must be >= 0")
+        require(self.max_answer_chars >= 256, "max_answer_chars", "must be at least 256 "
+                "characters (the default, 32768, is far above what max_tokens=512 writes)")
         require(self.repetition_ngram >= 1, "repetition_ngram", "must be >= 1")
         require(self.repetition_max_repeats >= 2, "repetition_max_repeats", "must be >= 2")
         require(0 <= self.repetition_min_unique_ratio <= 1, "repetition_min_unique_ratio",
