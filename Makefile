@@ -14,7 +14,7 @@ BUILD_EXTRAS := $(strip $(if $(CONFIG),$(shell grep -qsE 'name: *sam-' $(CONFIG)
   $(if $(CONFIG),$(shell grep -qsE 'name: *transformers' $(CONFIG) && echo hf),))
 BUILD_STAMP := $(VENV)/.stamp-$(if $(BUILD_EXTRAS),$(subst $(space),-,$(BUILD_EXTRAS)),core)
 
-.PHONY: build-dataset validate test test-quick test-all venv vllm-env schema-doc bench clean help
+.PHONY: build-dataset validate test test-quick test-all venv vllm-env schema-doc bench gpu-wheels clean help
 
 help:
 	@echo "make build-dataset [INPUT=dir|glob|manifest|tars|samples|synthetic://N] [OUTPUT=dir] [CONFIG=yaml] [ARGS='beam flags']"
@@ -59,8 +59,10 @@ test-quick: $(VENV)/.stamp-all
 	$(PY) -m pytest -q -m "not slow and not integration"
 
 bench: $(VENV)/.stamp-all
-	$(PY) bench/sam_bench.py --smoke
-	$(PY) bench/caption_client_bench.py
+	$(PY) bench/run_all.py
+
+gpu-wheels:
+	bash bench/gpu_wheels.sh .whl
 
 clean:
 	rm -rf out .pytest_cache

@@ -36,7 +36,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUTDIR"
 
 if [ "$SMOKE" = 1 ]; then
-  DEVICE=cpu PREFIX=smoke MODELS="tiny" SIZES="2 6" SIDE=128 SAM_ARGS="--smoke"
+  DEVICE=cpu PREFIX=smoke MODELS="tiny" SIZES="2 10" SIDE=128 SAM_ARGS="--smoke"
 else
   "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: GPU figures need one (use --smoke to try the script)')"
   DEVICE=cuda PREFIX=gpu MODELS="vit_b vit_h" SIZES="8 40" SIDE=1024 SAM_ARGS="--images $IMAGES --device cuda"
