@@ -42,6 +42,10 @@ class Candidate:
     rle: dict | None = None
     scores: dict[str, float] = field(default_factory=dict)
     source: str = ""            # e.g. "sam-auto", "given:boxes"
+    label: str | None = None    # a label or phrase given with the input (GRIT, COCO category)
+    # the candidate this one belongs under, whatever the containment says (sam-boxes: SAM's mask
+    # under the given box it was prompted with)
+    within: "Candidate | None" = None
 
 
 @dataclass
@@ -81,6 +85,7 @@ class RegionView:
     area: float
     rle: dict | None
     stats: dict[str, Any] = field(default_factory=dict)   # depth in the tree, source, scores
+    given: dict[str, Any] = field(default_factory=dict)   # what came with the input: {"label": ...}
 
 
 @dataclass
@@ -93,6 +98,7 @@ class CaptionInput:
     image: bytes                # encoded stored image (jpg/png)
     regions: list[RegionView]
     prompts: dict[str, dict[str, bytes]] = field(default_factory=dict)  # target id -> name -> PNG
+    given: dict[str, Any] = field(default_factory=dict)   # what came with the input: {"caption": ...}
 
 
 @dataclass

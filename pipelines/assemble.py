@@ -20,13 +20,13 @@ def _drop_failed(regions: list[RegionView], failed: set[str]) -> list[RegionView
         while parent is not None and parent in failed:
             parent = by_id[parent].parent
         kept.append(RegionView(region.id, region.level, parent, region.bbox, region.area, region.rle,
-                               region.stats))
+                               region.stats, region.given))
     return kept
 
 
 def _region_json(region: RegionView, text: TextOut, segmenter: dict[str, Any],
                  table: ProvenanceTable) -> dict[str, Any]:
-    return {
+    out = {
         "id": region.id,
         "level": region.level,
         "parent": region.parent,
@@ -40,6 +40,9 @@ def _region_json(region: RegionView, text: TextOut, segmenter: dict[str, Any],
         "provenance": {"segmenter": table.add("segmenter", {**segmenter, "source": region.stats.get("source", "")}),
                        "captioner": table.add("captioner", _masked(text.provenance))},
     }
+    if region.given:
+        out["given"] = dict(region.given)
+    return out
 
 
 def _masked(provenance: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +83,8 @@ def build_record(item: ImageItem, segmenter: dict[str, Any], pipeline_version: s
         "source": source,
         "image": {"width": item.width, "height": item.height, "format": item.format, **item.image_info},
         "image_level": {"caption": image_level.caption, "long_caption": image_level.long_caption,
-                        "tags": list(image_level.tags), "provenance": image_provenance},
+                        "tags": list(image_level.tags), "provenance": image_provenance,
+                        **({"given": {"caption": item.given_caption}} if item.given_caption else {})},
         "regions": region_json,
         "provenance": {"pipeline_version": pipeline_version, "settings_hash": settings_hash,
                        "annotators": table.as_dict()},

@@ -157,10 +157,18 @@ def _containment(child: Candidate, parent: Candidate) -> float:
 
 
 def _build_tree(cands: list[Candidate], settings: RegionSettings, dropped: Counter) -> list[_Node]:
-    """Largest first; each candidate's parent is the smallest earlier one containing it."""
-    order = sorted(range(len(cands)), key=lambda i: (-cands[i].area, cands[i].bbox, i))
+    """Largest first; each candidate's parent is the smallest earlier one containing it.
+
+    A candidate ``within`` another (sam-boxes: the mask of a given box) goes under that one's
+    node when it was kept, after every other node; otherwise it is placed like the others."""
+    present = {id(c) for c in cands}
+    linked = [i for i, c in enumerate(cands) if c.within is not None and id(c.within) in present]
+    is_linked = set(linked)
+    order = sorted((i for i in range(len(cands)) if i not in is_linked),
+                   key=lambda i: (-cands[i].area, cands[i].bbox, i))
     maybe = _maybe_inside(cands, settings.contain_frac)
     nodes: list[_Node] = []
+    node_of: dict[int, _Node] = {}
     node_cands = np.zeros(len(cands), np.int64)   # candidate index of each node so far
     for i in order:
         c = cands[i]
@@ -177,6 +185,14 @@ def _build_tree(cands: list[Candidate], settings: RegionSettings, dropped: Count
             continue
         node_cands[len(nodes)] = i
         nodes.append(_Node(i, c, parent_node, depth))
+        node_of[id(c)] = nodes[-1]
+    for i in sorted(linked, key=lambda i: (-cands[i].area, cands[i].bbox, i)):
+        parent_node = node_of.get(id(cands[i].within))
+        depth = parent_node.depth + 1 if parent_node is not None else 0
+        if depth >= settings.max_depth:
+            dropped["too_deep"] += 1
+            continue
+        nodes.append(_Node(i, cands[i], parent_node, depth))
     return nodes
 
 
@@ -220,22 +236,25 @@ def select_regions(cands: list[Candidate], image: np.ndarray | tuple[int, int],
     for node in nodes:
         c = node.cand
         stats = {"depth": node.depth, "source": c.source}
+        given = {"label": c.label} if c.label else {}
         parent_id = ids[id(node.parent)] if node.parent is not None else None
         if c.rle is None:
             n_box += 1
             rid = f"r{n_box}"
-            views.append(RegionView(rid, "region", parent_id, list(c.bbox), float(c.area), None, stats))
+            views.append(RegionView(rid, "region", parent_id, list(c.bbox), float(c.area), None, stats,
+                                    dict(given)))
         else:
             if node.parent is None and settings.box_regions:
                 n_box += 1
                 box_id = f"r{n_box}"
                 x, y, w, h = c.bbox
                 views.append(RegionView(box_id, "region", None, list(c.bbox), float(w * h), None,
-                                        dict(stats)))
+                                        dict(stats), dict(given)))
                 parent_id = box_id
             n_pix += 1
             rid = f"p{n_pix}"
-            views.append(RegionView(rid, "pixel", parent_id, list(c.bbox), float(c.area), c.rle, stats))
+            views.append(RegionView(rid, "pixel", parent_id, list(c.bbox), float(c.area), c.rle, stats,
+                                    dict(given)))
         views[-1].stats["scores"] = dict(c.scores)
         ids[id(node)] = rid
     return views, dict(dropped)

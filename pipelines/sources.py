@@ -197,14 +197,42 @@ def _resolve(base: str, location: str) -> str:
     return f"{scheme}://{bucket}/{posixpath.normpath(name)}" if name else joined
 
 
+MAX_LABEL_CHARS = 1000      # a given label or phrase
+MAX_CAPTION_CHARS = 10_000  # a given image caption
+
+
+def _texts(value: Any, name: str, count: int | None) -> list[str | None]:
+    """A list of labels (strings or nulls), as long as the list it labels."""
+    if not isinstance(value, list) or not all(v is None or isinstance(v, str) for v in value):
+        raise ValueError(f"'{name}' must be a list of strings (or nulls)")
+    if count is not None and len(value) != count:
+        raise ValueError(f"'{name}' has {len(value)} entries for {count} "
+                         f"{'boxes' if name == 'labels' else 'masks'}; give one per entry (null for none)")
+    for v in value:
+        if v is not None and len(v) > MAX_LABEL_CHARS:
+            raise ValueError(f"a '{name}' entry is longer than {MAX_LABEL_CHARS} characters")
+    return [" ".join(v.split()) if v else None for v in value]
+
+
 def _given(row: dict[str, Any], base: str) -> dict[str, Any] | None:
-    given = {}
-    for name in ("boxes", "masks", "labels"):
+    given: dict[str, Any] = {}
+    for name in ("boxes", "masks", "labels", "mask_labels"):
         value = row.get(name)
         if isinstance(value, str) and value.strip():
             value = json.loads(value)   # csv cells hold JSON
         if value:
             given[name] = value
+    if "labels" in given:
+        given["labels"] = _texts(given["labels"], "labels", len(given.get("boxes") or []))
+    if "mask_labels" in given:
+        given["mask_labels"] = _texts(given["mask_labels"], "mask_labels", len(given.get("masks") or []))
+    caption = row.get("caption")
+    if caption not in (None, ""):
+        if not isinstance(caption, str):
+            raise ValueError("'caption' must be a string")
+        if len(caption) > MAX_CAPTION_CHARS:
+            raise ValueError(f"'caption' is longer than {MAX_CAPTION_CHARS} characters")
+        given["caption"] = " ".join(caption.split())
     for name in ("sa1b", "coco"):
         if row.get(name):
             value = row[name]
@@ -216,7 +244,8 @@ def _given(row: dict[str, Any], base: str) -> dict[str, Any] | None:
 
 def manifest_ref(path: str, row: Any, where: str) -> ImageRef:
     """One manifest row → an input: ``path``/``uri`` (relative to the manifest) and optional
-    ``key``, ``dataset``, ``boxes`` ([[x,y,w,h],...]), ``masks`` (COCO RLE list), ``labels``,
+    ``key``, ``dataset``, ``boxes`` ([[x,y,w,h],...]) with ``labels`` (a label or phrase per box,
+    GRIT style), ``masks`` (COCO RLE list) with ``mask_labels``, ``caption`` (the image's),
     ``sa1b`` (per-image SA-1B json) or ``coco`` (instances json) with ``image_id``.
     A relative path may climb out of the manifest's folder (``../images/a.png``); it is resolved
     (see ``_resolve``). A row that is not usable becomes an ``invalid`` input named after the row."""
@@ -237,8 +266,10 @@ def manifest_ref(path: str, row: Any, where: str) -> ImageRef:
         os.path.splitext(posixpath.basename(location))[0])
     try:
         given = _given(row, base)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         return invalid_ref(key, location, "bad_manifest_row", f"{where}: a cell is not JSON ({exc})")
+    except ValueError as exc:
+        return invalid_ref(key, location, "bad_manifest_row", f"{where}: {exc}")
     return ImageRef(key=key, uri=location, loader={"kind": "file", "path": location},
                     dataset=row.get("dataset") or None, given=given)
 

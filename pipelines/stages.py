@@ -236,7 +236,8 @@ class Caption(beam.DoFn):
 
     def process(self, batch: list[ImageItem]) -> Iterator[Any]:
         start = time.perf_counter()
-        inputs = [CaptionInput(i.ref.key, i.width, i.height, i.data, i.regions, i.prompts)
+        inputs = [CaptionInput(i.ref.key, i.width, i.height, i.data, i.regions, i.prompts,
+                               {"caption": i.given_caption} if i.given_caption else {})
                   for i in batch]
         try:
             results = self.captioner.caption_batch(inputs)

@@ -84,6 +84,12 @@ class ImageItem:
         # the pixels are a cache: a shuffle or a worker hand-over carries the encoded bytes only
         return {k: v for k, v in self.__dict__.items() if k != "rgb"} | {"rgb": None}
 
+    @property
+    def given_caption(self) -> str:
+        """The image caption that came with the input (a manifest's ``caption``), or ""."""
+        caption = (self.ref.given or {}).get("caption")
+        return caption if isinstance(caption, str) else ""
+
     def fail(self, stage: str, reason: str, detail: str = "") -> Failure:
         """A Failure for this whole input."""
         return Failure(self.ref.key, self.ref.uri, stage, reason, detail, None, self.ref.shard)

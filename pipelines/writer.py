@@ -95,7 +95,8 @@ def region_rows(record: dict[str, Any], shard: str) -> list[dict[str, Any]]:
                      "caption_chars": len(r["caption"]), "long_caption_chars": len(r["long_caption"]),
                      "tags": r["tags"], "scores_json": json.dumps(r["scores"], sort_keys=True),
                      "segmenter_provenance": r["provenance"]["segmenter"],
-                     "captioner_provenance": r["provenance"]["captioner"]})
+                     "captioner_provenance": r["provenance"]["captioner"],
+                     "label": r.get("given", {}).get("label")})
     return rows
 
 

@@ -44,6 +44,10 @@ REGION = F("object", "One region of the image: a box (level region) or a mask (l
     "caption": F("string", "Short caption of the region."),
     "long_caption": F("string", "Long description of the region."),
     "tags": _TAGS,
+    "given": F("object", "What came with the input for this region.", required=False, fields={
+        "label": F("string", "Its label or phrase: a manifest's `labels` / `mask_labels` entry, a GRIT "
+                   "referring expression, a COCO category name.", required=False),
+    }),
     "provenance": F("object", "Which annotators produced this region and its text (ids into the record's "
                     "`provenance.annotators`).", fields={
         "segmenter": _provenance_ref("segmenter"),
@@ -83,6 +87,10 @@ RECORD = F("object", "One image with its text at every granularity.", fields={
         "long_caption": F("string", "Long description of the image."),
         "tags": _TAGS,
         "provenance": _provenance_ref("captioner"),
+        "given": F("object", "What came with the input for the whole image.", required=False, fields={
+            "caption": F("string", "The image caption given with the input (a manifest's `caption`).",
+                         required=False),
+        }),
     }),
     "regions": F("array", "Regions, parents before children.", items=REGION),
     "provenance": F("object", "How the record was made (no timestamps).", fields={
@@ -135,6 +143,8 @@ REGION_COLUMNS = [
     Column("segmenter_provenance", pa.string(), "Id of the segmenter provenance (same id, same "
            "provenance, in every record)."),
     Column("captioner_provenance", pa.string(), "Id of the captioner provenance."),
+    Column("label", pa.string(), "The label or phrase given with the input for this region.",
+           nullable=True),
 ]
 
 FAILURE_COLUMNS = [

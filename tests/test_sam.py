@@ -389,17 +389,23 @@ def test_sam_boxes_one_candidate_per_box_in_one_call(image: np.ndarray,
     monkeypatch.setattr(SamPredictor, "set_image", spy_set_image)
     monkeypatch.setattr(SamPredictor, "predict_torch", spy_predict)
     boxes = [[20, 15, 70, 55], [85, 55, 60, 60], [5, 90, 50, 35], [0, 0, 160, 128]]
+    labels = ["a brown dog", None, "the red ball", "everything"]
     segmenter = SamBoxesSegmenter({"model_type": "tiny", "device": "cpu"})
-    out = run_one(segmenter, image, {"boxes": boxes})
+    out = run_one(segmenter, image, {"boxes": boxes, "labels": labels})
     assert calls == {"set_image": 1, "predict_torch": [4]}
-    assert [c.scores["given_box"] for c in out.candidates] == [0, 1, 2, 3]
-    for cand in out.candidates:
-        assert cand.source == "sam-boxes"
+    # each given box is a region-level candidate with its label; SAM's mask for it lies under it
+    given = [c for c in out.candidates if c.rle is None]
+    assert [c.bbox for c in given] == [[float(v) for v in b] for b in boxes]
+    assert [c.label for c in given] == labels and [c.scores["given_box"] for c in given] == [0, 1, 2, 3]
+    assert all(c.source == "given:boxes" and c.within is None for c in given)
+    sam = [c for c in out.candidates if c.rle is not None]
+    for cand in sam:
+        box = given[cand.scores["given_box"]]
+        assert cand.within is box and cand.label == box.label and cand.source == "sam-boxes"
         assert isinstance(cand.scores["predicted_iou"], float)
-        if cand.rle is not None:
-            assert cand.bbox == masks.bbox(cand.rle) and cand.area == masks.area(cand.rle)
-            assert cand.rle["size"] == list(image.shape[:2])
-    assert sum(c.rle is None for c in out.candidates) == out.dropped.get("empty_mask", 0)
+        assert cand.bbox == masks.bbox(cand.rle) and cand.area == masks.area(cand.rle)
+        assert cand.rle["size"] == list(image.shape[:2])
+    assert len(given) - len(sam) == out.dropped.get("empty_mask", 0)
 
 
 def test_sam_boxes_without_boxes_or_with_bad_ones(image: np.ndarray) -> None:
@@ -409,7 +415,7 @@ def test_sam_boxes_without_boxes_or_with_bad_ones(image: np.ndarray) -> None:
         out = run_one(segmenter, image, given)
         assert out.candidates == [] and out.dropped == {"no_boxes": 1}
     out = run_one(segmenter, image, {"boxes": [[10, 10, 0, 5], [300, 300, 5, 5], [10, 10, 40, 40]]})
-    assert [c.scores["given_box"] for c in out.candidates] == [2]
+    assert {c.scores["given_box"] for c in out.candidates} == {2}
     assert out.dropped["bad_box"] == 2
 
 
@@ -439,7 +445,7 @@ def test_sam_boxes_prompts_with_boxes_mapped_to_the_stored_image(image: np.ndarr
     assert seen[:2] == [[50.0, 20.0, 60.0, 40.0], [0.0, 0.0, 160.0, 128.0]]
     assert seen[2] == [150.0, 125.0, 10.0, 3.0]          # clipped at the stored image's edge
     assert sizes == [2, 2, 1]                              # 5 boxes, 2 per decoder call
-    assert [c.scores["given_box"] for c in out.candidates] == [0, 1, 2, 3, 4]
+    assert [c.scores["given_box"] for c in out.candidates if c.rle is None] == [0, 1, 2, 3, 4]
 
 
 # --------------------------------------------------------------------------- benchmark

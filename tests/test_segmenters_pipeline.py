@@ -68,14 +68,19 @@ def test_sam_boxes_from_a_manifest(tmp_path: Path) -> None:
     kept = 0
     for row in rows[:3]:
         record = got[row["path"].removesuffix(".png")]
-        given = [int(g["scores"]["given_box"]) for g in record["regions"] if "given_box" in g["scores"]]
-        assert len(given) == len(set(given)) and set(given) <= set(range(len(row["boxes"])))
-        kept += len(given)
+        by_id = {r["id"]: r for r in record["regions"]}
+        boxes = [int(r["scores"]["given_box"]) for r in record["regions"] if r["level"] == "region"]
+        pixels = [r for r in record["regions"] if r["level"] == "pixel"]
+        assert len(boxes) == len(set(boxes)) and set(boxes) <= set(range(len(row["boxes"])))
+        for pixel in pixels:   # SAM's mask under the given box it was prompted with
+            parent = by_id[pixel["parent"]]
+            assert parent["level"] == "region" and parent["scores"]["given_box"] == pixel["scores"]["given_box"]
+        kept += len(boxes) + len(pixels)
     assert got["img_without_boxes"]["regions"] == []
     dropped = dict(manifest["counts"]["regions_dropped_by_reason"])
     assert dropped.pop("no_boxes") == 1
-    # one SAM mask per given box: each is a region, or counted where the region tree dropped it
-    assert kept + sum(dropped.values()) == sum(len(r["boxes"]) for r in rows[:3])
+    # per given box a region and a SAM mask: each is in the record, or counted where dropped
+    assert kept + sum(dropped.values()) == 2 * sum(len(r["boxes"]) for r in rows[:3])
 
 
 def test_given_sa1b_and_coco_imports(tmp_path: Path) -> None:
@@ -88,7 +93,9 @@ def test_given_sa1b_and_coco_imports(tmp_path: Path) -> None:
                              "predicted_iou": 0.9, "stability_score": 0.95} for o in objects0]}
     (root / "img0.json").write_text(json.dumps(sa1b))
     coco = {"images": [{"id": 7, "width": 128, "height": 128, "file_name": name1}],
+            "categories": [{"id": 1, "name": "thing"}, {"id": 2, "name": "other thing"}],
             "annotations": [{"id": i, "image_id": 7, "bbox": o["bbox"], "area": o["area"], "iscrowd": 0,
+                             "category_id": 1 + i % 2,
                              "segmentation": [[o["bbox"][0], o["bbox"][1], o["bbox"][0] + o["bbox"][2], o["bbox"][1],
                                                o["bbox"][0] + o["bbox"][2], o["bbox"][1] + o["bbox"][3],
                                                o["bbox"][0], o["bbox"][1] + o["bbox"][3]]]}
@@ -106,5 +113,12 @@ def test_given_sa1b_and_coco_imports(tmp_path: Path) -> None:
     coco_boxes = sorted(tuple(g["bbox"]) for g in got["img1"]["regions"] if g["level"] == "pixel")
     assert coco_boxes == sorted(tuple(masks.bbox(masks.from_polygons(a["segmentation"], 128, 128)))
                                 for a in coco["annotations"])
+    # COCO category names are kept as the masks' labels (GRIT phrases and manifest labels too)
+    names = {tuple(masks.bbox(masks.from_polygons(a["segmentation"], 128, 128))):
+             coco["categories"][a["category_id"] - 1]["name"] for a in coco["annotations"]}
+    for g in got["img1"]["regions"]:
+        if g["level"] == "pixel":
+            assert g["given"] == {"label": names[tuple(g["bbox"])]}
     regions = pq.read_table(out / "index" / "regions")
     assert regions.num_rows == sum(len(r["regions"]) for r in got.values())
+    assert {r["label"] for r in regions.to_pylist() if r["key"] == "img1"} >= {"thing", "other thing"}

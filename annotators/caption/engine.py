@@ -120,6 +120,10 @@ def target_fields(item: CaptionInput, region: RegionView | None) -> dict[str, An
         "bbox_norm": "[" + ", ".join(str(v) for v in norm) + "]",
         "area_pct": f"{100 * frac:.1f}", "size": size_name(frac),
         "position": position_name(x + w / 2, y + h / 2, width, height) if region else "whole image",
+        # what came with the input: a region's label or phrase (GRIT, COCO category), the image's
+        # caption; "" when there is none
+        "label": str((region.given if region else {}).get("label") or ""),
+        "given_caption": str(item.given.get("caption") or ""),
     }
 
 

@@ -39,7 +39,7 @@ WHOLE_IMAGE = "image"
 DEFAULT_CLIENT = "default"
 SPECIAL_STEPS: tuple[str, ...] = ("caption", "long_caption", "tags", "judge")
 TARGET_FIELDS: tuple[str, ...] = ("width", "height", "level", "bbox", "bbox_xyxy", "bbox_norm",
-                                  "area_pct", "size", "position")
+                                  "area_pct", "size", "position", "label", "given_caption")
 _PROGRAM_KEYS = ("id", "version", "system", "description", "visual_prompts", "steps", "schemas")
 _STEP_KEYS = ("name", "prompt", "images", "json_schema", "client", "max_tokens", "temperature",
               "system")

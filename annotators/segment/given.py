@@ -30,48 +30,59 @@ class GivenSettings:
     # which image the annotations' pixels refer to: "displayed" (EXIF orientation applied, as
     # viewers show it) or "raw" (the file's pixel rows, as loaders that ignore EXIF read it)
     frame: str = "displayed"
+    # an annotation file (sa1b / coco json) larger than this is refused, not read: a COCO json is
+    # indexed whole in each worker process (convert a huge one to a manifest with per-row masks)
+    max_json_bytes: int = 1024 * 1024 * 1024
 
     def check(self) -> None:
         require(self.frame in FRAMES, "frame", f"must be one of {', '.join(FRAMES)}")
+        require(self.max_json_bytes >= 1, "max_json_bytes", "must be a positive byte count")
 
 
-@functools.lru_cache(maxsize=4)
-def _load_json(path: str) -> Any:
+def _read_json(path: str, max_bytes: int) -> Any:
+    size = FileSystems.match([path], limits=[1])[0].metadata_list
+    if size and size[0].size_in_bytes > max_bytes:
+        raise ValueError(f"{path}: {size[0].size_in_bytes} bytes > given.max_json_bytes={max_bytes}; "
+                         "raise it or split the annotations into per-image files")
     with FileSystems.open(path) as handle:
         return json.loads(handle.read().decode("utf-8"))
 
 
-@functools.lru_cache(maxsize=4)
-def _coco_index(path: str) -> dict[Any, list[dict]]:
-    data = _load_json(path)
-    index: dict[Any, list[dict]] = {}
+@functools.lru_cache(maxsize=2)
+def _coco_index(path: str, max_bytes: int) -> dict[Any, list[tuple[Any, tuple[int, int] | None, str | None]]]:
+    """image id → its annotations as (segmentation, (height, width), category name); the parsed
+    file itself is not kept."""
+    data = _read_json(path, max_bytes)
+    index: dict[Any, list[tuple[Any, tuple[int, int] | None, str | None]]] = {}
     sizes = {img["id"]: (img["height"], img["width"]) for img in data.get("images", [])}
+    names = {cat["id"]: cat.get("name") for cat in data.get("categories", [])}
     for ann in data.get("annotations", []):
-        ann = dict(ann, _size=sizes.get(ann["image_id"]))
-        index.setdefault(ann["image_id"], []).append(ann)
-        index.setdefault(str(ann["image_id"]), []).append(ann)
+        entry = (ann.get("segmentation"), sizes.get(ann["image_id"]), names.get(ann.get("category_id")))
+        index.setdefault(ann["image_id"], []).append(entry)
+        if not isinstance(ann["image_id"], str):
+            index.setdefault(str(ann["image_id"]), []).append(entry)
+    del data
     return index
 
 
-def _sa1b_masks(path: str) -> list[tuple[dict, dict[str, float]]]:
-    data = _load_json(path)
+def _sa1b_masks(path: str, max_bytes: int) -> list[tuple[dict, dict[str, float], str | None]]:
+    data = _read_json(path, max_bytes)   # one file per image: nothing to cache
     out = []
     for ann in data.get("annotations", []):
         scores = {k: float(ann[v]) for k, v in (("predicted_iou", "predicted_iou"),
                                                  ("stability", "stability_score")) if v in ann}
-        out.append((ann["segmentation"], scores))
+        out.append((ann["segmentation"], scores, None))
     return out
 
 
-def _coco_masks(path: str, image_id: Any) -> list[tuple[dict, dict[str, float]]]:
+def _coco_masks(path: str, image_id: Any, max_bytes: int) -> list[tuple[dict, dict[str, float], str | None]]:
     out = []
-    for ann in _coco_index(path).get(image_id, []):
-        seg = ann.get("segmentation")
-        height, width = ann["_size"] or (None, None)
+    for seg, size, name in _coco_index(path, max_bytes).get(image_id, []):
+        height, width = size or (None, None)
         if isinstance(seg, list) and seg and height:
-            out.append((rle.from_polygons(seg, height, width), {}))
+            out.append((rle.from_polygons(seg, height, width), {}, name))
         elif isinstance(seg, dict):
-            out.append((rle.normalize(seg), {}))
+            out.append((rle.normalize(seg), {}, name))
     return out
 
 
@@ -80,7 +91,7 @@ class GivenSegmenter(Segmenter):
 
     name = "given"
     needs_pixels = False   # annotations only: the stored image is not decoded for this segmenter
-    version = "1"
+    version = "2"          # 2: labels (manifest labels / mask_labels, COCO category names)
     Settings = GivenSettings
 
     def segment_batch(self, images: list[SegmentInput]) -> list[SegmentOutput | AnnotatorFailure]:
@@ -91,29 +102,33 @@ class GivenSegmenter(Segmenter):
         height, width = item.hw()
         frame = InputFrame.of(given, height, width)
         candidates: list[Candidate] = []
-        masks: list[tuple[dict, dict[str, float], str]] = []
+        masks: list[tuple[dict, dict[str, float], str | None, str]] = []
+        limit = self.settings.max_json_bytes
         if self.settings.use_masks:
-            masks += [(m, {}, "given:masks") for m in given.get("masks", [])]
+            labels = given.get("mask_labels") or [None] * len(given.get("masks", []))
+            masks += [(m, {}, label, "given:masks") for m, label in zip(given.get("masks", []), labels)]
             if given.get("sa1b"):
-                masks += [(m, s, "given:sa1b") for m, s in _sa1b_masks(given["sa1b"])]
+                masks += [(m, s, label, "given:sa1b") for m, s, label in _sa1b_masks(given["sa1b"], limit)]
             if given.get("coco"):
-                masks += [(m, s, "given:coco") for m, s in _coco_masks(given["coco"], given.get("image_id"))]
+                masks += [(m, s, label, "given:coco")
+                          for m, s, label in _coco_masks(given["coco"], given.get("image_id"), limit)]
         dropped: dict[str, int] = {}
-        for encoded, scores, source in masks:
+        for encoded, scores, label, source in masks:
             encoded = frame.mask(encoded, self.settings.frame)
             area = rle.area(encoded)
             if area == 0:
                 dropped["empty_mask"] = dropped.get("empty_mask", 0) + 1
                 continue
-            candidates.append(Candidate(rle.bbox(encoded), float(area), encoded, scores, source))
+            candidates.append(Candidate(rle.bbox(encoded), float(area), encoded, scores, source, label))
             if self.settings.boxes_from_masks:
                 box = rle.bbox(encoded)
-                candidates.append(Candidate(box, box[2] * box[3], None, scores, source + ":box"))
+                candidates.append(Candidate(box, box[2] * box[3], None, scores, source + ":box", label))
         if self.settings.use_boxes:
-            for box in given.get("boxes", []):
+            labels = given.get("labels") or [None] * len(given.get("boxes", []))
+            for box, label in zip(given.get("boxes", []), labels):
                 scaled = frame.box(box, self.settings.frame)
                 if scaled is None:
                     dropped["empty_box"] = dropped.get("empty_box", 0) + 1
                     continue
-                candidates.append(Candidate(scaled, scaled[2] * scaled[3], None, {}, "given:boxes"))
+                candidates.append(Candidate(scaled, scaled[2] * scaled[3], None, {}, "given:boxes", label))
         return SegmentOutput(candidates=candidates, dropped=dropped)

@@ -320,23 +320,37 @@ class SamBoxesSegmenter(_SamSegmenter):
     """``sam-boxes``: one SAM mask per box given with the image (GRIT / LongGRIT style)."""
 
     name: ClassVar[str] = "sam-boxes"
+    version: ClassVar[str] = "2"   # 2: the given box is a region-level candidate, SAM's mask under it
     Settings: ClassVar[type] = SamBoxesSettings
 
     def _segment(self, item: SegmentInput) -> SegmentOutput:
+        """Each given box (mapped to the stored image) is a ``region``-level candidate with its
+        label; SAM's mask for it is a ``pixel``-level candidate under it (``within``)."""
         given = (item.given or {}).get("boxes") or []
         if not given:
             return SegmentOutput([], {"no_boxes": 1})
+        labels = (item.given or {}).get("labels") or [None] * len(given)
         height, width = item.rgb.shape[:2]
         frame = InputFrame.of(item.given, height, width)
-        boxes = [(i, frame.box(box, self.settings.frame)) for i, box in enumerate(given)]
-        valid = [(i, box) for i, box in boxes if box is not None]
+        boxes = [(i, frame.box(box, self.settings.frame), label) for i, (box, label) in enumerate(zip(given, labels))]
+        valid = [(i, box, label) for i, box, label in boxes if box is not None]
         dropped = {"bad_box": len(boxes) - len(valid)} if len(valid) < len(boxes) else {}
         if not valid:
             return SegmentOutput([], dropped)
-        rles, ious = self._predict(item.rgb, [box for _, box in valid], self.settings.boxes_per_call)
-        candidates = [_box_candidate(index, box, rle, iou)
-                      for (index, box), rle, iou in zip(valid, rles, ious, strict=True)]
-        empty = sum(1 for c in candidates if c.rle is None)
+        rles, ious = self._predict(item.rgb, [box for _, box, _ in valid], self.settings.boxes_per_call)
+        candidates = []
+        empty = 0
+        for (index, box, label), rle, iou in zip(valid, rles, ious, strict=True):
+            region = Candidate(bbox=box, area=box[2] * box[3], rle=None, scores={"given_box": index},
+                               source="given:boxes", label=label)
+            candidates.append(region)
+            area = masks.area(rle)
+            if area == 0:
+                empty += 1
+                continue
+            candidates.append(Candidate(bbox=masks.bbox(rle), area=float(area), rle=rle,
+                                        scores={"predicted_iou": float(iou), "given_box": index},
+                                        source="sam-boxes", label=label, within=region))
         if empty:
             dropped["empty_mask"] = empty
         return SegmentOutput(candidates, dropped)
@@ -362,13 +376,3 @@ class SamBoxesSegmenter(_SamSegmenter):
         finally:
             predictor.reset_image()
         return rles, ious
-
-
-def _box_candidate(index: int, box: list[float], rle: dict, iou: float) -> Candidate:
-    """Candidate for given box ``index``; an empty mask falls back to the box alone (rle None)."""
-    scores = {"predicted_iou": float(iou), "given_box": index}
-    area = masks.area(rle)
-    if area == 0:
-        return Candidate(bbox=box, area=box[2] * box[3], rle=None, scores=scores, source="sam-boxes")
-    return Candidate(bbox=masks.bbox(rle), area=float(area), rle=rle, scores=scores,
-                     source="sam-boxes")
