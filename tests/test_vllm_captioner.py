@@ -3,6 +3,7 @@ fault-injecting OpenAI-style server, and of the managed server's lifecycle."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -236,6 +237,21 @@ def _wait_dead(pid: int, timeout_s: float = 5.0) -> bool:
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     return not _alive(pid)
+
+
+def test_managed_server_command_is_logged_with_secrets_masked(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """The server's command line is logged at start; an API key in it is not."""
+    server = ManagedServer({"command": [sys.executable, "-c", SERVE_ANY_GET, "{port}", "--api-key",
+                                        "sk-live-abcdefgh1234", "--hf-token=hf_abcdefghijkl"],
+                            "ready_timeout_s": 20, "poll_interval_s": 0.05, "stop_grace_s": 2,
+                            "log_path": str(tmp_path / "server.log")})
+    with caplog.at_level(logging.INFO, logger=managed_server.log.name):
+        server.start()
+    server.stop()
+    text = caplog.text
+    assert "starting managed server" in text and "--api-key ***" in text and "--hf-token=***" in text
+    assert "sk-live-abcdefgh1234" not in text and "hf_abcdefghijkl" not in text
 
 
 def test_managed_server_lifecycle(tmp_path: Path) -> None:

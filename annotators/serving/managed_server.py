@@ -42,6 +42,7 @@ from typing import IO, Any, ClassVar, Mapping
 
 from annotators.serving import processes, shared
 from settings import parse_settings, require, stable_hash
+from settings.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class ManagedServer:
         self._log = open(self.log_path, "ab")
         env = {**os.environ, **s.env}
         argv = self.argv()
-        log.info("starting managed server: %s (log %s)", " ".join(argv), self.log_path)
+        log.info("starting managed server: %s (log %s)", " ".join(mask_secrets(argv)), self.log_path)
 
         def spawn() -> subprocess.Popen[bytes]:
             return subprocess.Popen(processes.dying_with_parent(argv, env, s.cwd),
