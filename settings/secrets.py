@@ -43,3 +43,21 @@ def mask_secrets(value: Any) -> Any:
     if isinstance(value, str) and re.match(r"^(sk-|hf_)[A-Za-z0-9_-]{8,}", value):
         return "***"
     return value
+
+
+_TEXT_SECRETS = [
+    (re.compile(r"(?i)(://)[^/@\s:]+:[^/@\s]+@"), r"\1***@"),                 # URL user:password@
+    (re.compile(r"(?i)\b(bearer\s+)[^\s,;&\"']+"), r"\1***"),
+    (re.compile(r"(?i)\b((?:[a-z]+[-_])*(?:token|api[-_]?key|password|secret)\s*[=:]\s*)[^\s,;&\"']+"), r"\1***"),
+    (re.compile(r"\b(sk-|hf_)[A-Za-z0-9_-]{8,}"), r"\1***"),
+    (re.compile(r"(?i)([?&](?:key|token|api_key|access_token|sig|signature)=)[^&\s\"']+"), r"\1***"),
+]
+
+
+def mask_text(text: str) -> str:
+    """Free text (an error message, a failure's detail, a log line) with secret-looking parts
+    replaced by "***": URL credentials, ``Bearer …`` / ``api_key=…`` / ``token: …`` values,
+    ``sk-…`` / ``hf_…`` keys and key-like query parameters."""
+    for pattern, replacement in _TEXT_SECRETS:
+        text = pattern.sub(replacement, text)
+    return text

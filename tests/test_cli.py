@@ -93,3 +93,25 @@ def test_secrets_reach_no_output_and_do_not_change_the_hash(tmp_path: Path) -> N
     other = {"name": "vllm", "model": "m", "server": {"command": ["serve", "--api-key", "sk-b-secret-2"]}}
     assert config_from_dict({"captioner": served}).settings_hash() == \
         config_from_dict({"captioner": other}).settings_hash()
+
+
+@pytest.mark.parametrize("text, hidden, kept", [
+    ("http_401 at http://user:pw123@host:8000/v1", "pw123", "host:8000/v1"),
+    ("Authorization: Bearer sk-abcdefghijkl1", "sk-abcdefghijkl1", "Bearer"),
+    ("api_key=abc123 more", "abc123", "more"),
+    ("GET https://x/v1?key=AIzaSy123&b=1", "AIzaSy123", "b=1"),
+    ("HF_TOKEN=hf_xyzxyzxyz1 set", "hf_xyzxyzxyz1", "set"),
+    ("password: hunter2", "hunter2", "password"),
+])
+def test_free_text_secrets_are_masked(text: str, hidden: str, kept: str) -> None:
+    from settings.secrets import mask_text
+
+    masked = mask_text(text)
+    assert hidden not in masked and kept in masked and "***" in masked
+
+
+def test_free_text_without_secrets_is_unchanged() -> None:
+    from settings.secrets import mask_text
+
+    for text in ("max_tokens=512 reached", "token budget: 5 tokens left", "http_503 at http://127.0.0.1:8000/v1"):
+        assert mask_text(text) == text
