@@ -19,6 +19,7 @@ BUILD_STAMP := $(VENV)/.stamp-$(if $(BUILD_EXTRAS),$(subst $(space),-,$(BUILD_EX
 help:
 	@echo "make build-dataset [INPUT=dir|glob|manifest|tars|samples|synthetic://N] [OUTPUT=dir] [CONFIG=yaml] [ARGS='beam flags']"
 	@echo "make validate OUTPUT=dir     check a built dataset against the schema"
+	@echo "make eval-annotators [CONFIG=yaml] [N=200] [HARD=1]  score the annotators on synthetic scenes"
 	@echo "make test                    the test suite (what CI runs)"
 
 $(VENV)/.stamp-%: setup.py constraints.txt
@@ -101,3 +102,11 @@ TRAIN_LAUNCH = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --st
 .PHONY: train
 train: $(VENV)/.stamp-train
 	$(TRAIN_LAUNCH) -m trainer.train --data $(DATA) --config '$(or $(CONFIG),configs/tiny-train.yaml)' --output '$(TRAIN_OUTPUT)' --device $(DEVICE) $(ARGS)
+
+# Score the configured segmenter and captioner on N synthetic scenes with known answers (README,
+# "Scoring annotators"): masks, hierarchy, caption words. HARD=1: textured, occluded, nested
+# scenes on photographs. The report goes to out/eval/<config name>[-hard].json and is printed.
+EVAL_N = $(if $(filter command line environment,$(origin N)),$(N),200)
+.PHONY: eval-annotators
+eval-annotators: $(BUILD_STAMP) $(BUILD_SERVER)
+	$(PY) -m pipelines.eval_annotators $(if $(CONFIG),--config '$(CONFIG)') --n $(EVAL_N) $(if $(HARD),--hard) $(ARGS)

@@ -246,3 +246,16 @@ def test_bench_smoke_report(tmp_path: Path) -> None:
     assert all(image[s] > 0 for s in stages)
     assert image["total_s"] == pytest.approx(sum(image[s] for s in stages))
     assert report["mean"]["total_s"] == pytest.approx(image["total_s"])
+
+
+def test_batch_helpers_take_hundreds_of_masks() -> None:
+    """pycocotools' area() of a list overflows at 256 masks (its uint8 index); the batch helpers
+    must not, or an image with that many candidate masks fails in select_regions."""
+    image = np.zeros((40, 60), bool)
+    rles = []
+    for i in range(300):
+        mask = image.copy()
+        mask[i % 40, (i // 40) % 60: (i // 40) % 60 + 1 + i % 5] = True
+        rles.append(masks.encode(mask))
+    assert masks.areas(rles) == [masks.area(r) for r in rles]
+    assert masks.bboxes(rles) == [masks.bbox(r) for r in rles]

@@ -265,7 +265,7 @@ def bboxes(rles: list[dict]) -> list[list[float]]:
 
 
 def areas(rles: list[dict]) -> list[int]:
-    """``area`` of many RLEs in one pycocotools call."""
-    if not rles:
-        return []
-    return [int(a) for a in mask_utils.area([_coco(r) for r in rles])]
+    """``area`` of many RLEs, in pycocotools calls of at most 255 (its list area() counts them
+    in a uint8 and overflows at 256)."""
+    coco = [_coco(r) for r in rles]
+    return [int(a) for lo in range(0, len(coco), 255) for a in mask_utils.area(coco[lo:lo + 255])]
