@@ -17,13 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_make_bench_smoke_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "latest.json"
-    proc = subprocess.run([sys.executable, "bench/run_all.py", "--smoke", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    # prompts, embedded and client have their own smoke tests (test_visual_prompts,
+    # test_embedded_default_speed, test_vllm_client); here the others and the report itself
+    proc = subprocess.run([sys.executable, "bench/run_all.py", "--smoke", "--only", "overhead", "memory",
+                           "scaling", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["errors"] == {} and report["smoke"] is True and report["machine"]["cpus"] >= 1
     figures = {row["figure"].split(" ")[0] for row in report["rows"]}
-    assert {"P1", "P1b", "P2", "P3", "Embedded"} <= figures and len(report["rows"]) >= 9
+    assert figures == {"P1", "P2", "Embedded"} and len(report["rows"]) == 3
     for row in report["rows"]:
         # tiny inputs: the figures are noise (a marginal rate can even be missing), not results
         assert row["measured"] is None or math.isfinite(row["measured"]), row
