@@ -117,12 +117,15 @@ class CaptionResult:
     """A captioner's answer for one image: image-level text, per-region text, per-region failures.
 
     A region missing from ``regions`` must have a failure in ``failures``. ``image_level`` None
-    means the image as a whole failed; its failure has ``region_id`` None.
+    means the image as a whole failed; its failure has ``region_id`` None. ``cost`` is what the
+    image cost the captioner's model (calls, tokens, bytes: ``backends.base.CallCost`` fields);
+    empty for a captioner that calls none.
     """
 
     image_level: TextOut | None
     regions: dict[str, TextOut]
     failures: list[AnnotatorFailure] = field(default_factory=list)
+    cost: dict[str, int] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- roles

@@ -3,8 +3,9 @@
 The card follows the Hugging Face dataset-card format: a YAML header (license placeholder, task
 categories, size category, ``configs`` whose ``data_files`` let ``load_dataset(<folder>)`` read
 the shards and the index tables), then what the dataset is, how it was built, counts per level,
-text statistics with plots (``plots/*.png``), failures by class, the schema and loading snippets
-that run as written from the dataset folder (a test runs them).
+text statistics with plots (``plots/*.png``), failures by class, what it cost (per image and per
+region, and extrapolated to 1M and 10M images: ``pipelines.cost``), the schema and loading
+snippets that run as written from the dataset folder (a test runs them).
 
 Entry points:
 
@@ -27,6 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+
+from pipelines.cost import EXTRAPOLATE_TO, STAGES, extrapolate
 
 LEVELS = ("image", "region", "pixel")
 TOP_TAGS = 20
@@ -349,6 +352,90 @@ def _failure_lines(manifest: dict[str, Any], stats: dict[str, Any] | None) -> li
     return lines
 
 
+def _num(value: float) -> str:
+    """A count for a table: 1,234 / 12.3M / 4.56B."""
+    for limit, suffix in ((1e9, "B"), (1e6, "M")):
+        if abs(value) >= limit:
+            return f"{value / limit:.3g}{suffix}"
+    return f"{value:,.0f}" if abs(value) >= 100 or value == int(value) else f"{value:.3g}"
+
+
+def _ms(seconds: float | None) -> str:
+    """Seconds as milliseconds, 3 significant digits."""
+    if seconds is None:
+        return "—"
+    ms = seconds * 1000
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}" if ms else "0"
+
+
+def _hours(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _cost_lines(manifest: dict[str, Any]) -> list[str]:
+    """Per-image and per-region averages of what the build cost, and an extrapolation."""
+    section = manifest.get("cost")
+    if not section or not section.get("per_image"):
+        return ["Nothing was measured (no image was processed)."]
+    images, regions = section["images"], section["regions"]
+    lines = [f"Measured while building: {images} images (inputs, failed ones included) and "
+             f"{regions} regions written. Seconds are worker seconds summed over images (a batch's "
+             "time shared over its images), not elapsed time; CPU seconds of the model stages count "
+             "every thread of the worker process, GPU seconds are how long a stage held a GPU "
+             "(not kernel time). Full figures: `manifest.json` → `cost`.", ""]
+    kinds = ("wall_s", "cpu_s", "gpu_s") if section["total"]["gpu_s"] else ("wall_s", "cpu_s")
+    names = [k[:-2].upper() if k != "wall_s" else "wall" for k in kinds]
+    lines += ["| stage | " + " | ".join(f"{n} ms / image" for n in names) + " | "
+              + " | ".join(f"{n} ms / region" for n in names) + " |",
+              "|---" * (1 + 2 * len(kinds)) + "|"]
+    rows = [(stage, section["stages"][stage]) for stage in STAGES   # pipeline order
+            if stage in section["stages"] and (section["stages"][stage]["wall_s"]
+                                               or section["stages"][stage]["cpu_s"])]
+    for name, v in rows + [("**total**", section["total"])]:
+        cells = [_ms(v[k] / images) for k in kinds]
+        cells += [_ms(v[k] / regions if regions else None) for k in kinds]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    overlapped = sum(v.get("cpu_overlapped", 0) for v in section["stages"].values())
+    if overlapped:
+        lines += ["", f"CPU seconds of {overlapped} image-stage measurements overlapped other work in "
+                  "the same worker process (bundles run in parallel threads): upper bounds."]
+    caption = section["caption"]
+    if caption["calls"]:
+        n_regions = regions or None
+        lines += ["", "Captioning model calls (retries included) and what they moved:", "",
+                  "| | total | per image | per region |", "|---|---|---|---|"]
+        for key, label in (("requests", "requests"), ("calls", "model calls"),
+                           ("failed_calls", "failed calls"), ("prompt_tokens", "prompt tokens"),
+                           ("completion_tokens", "completion tokens"),
+                           ("bytes_sent", "bytes sent (request bodies)"),
+                           ("bytes_received", "bytes received (completions)")):
+            total = caption[key]
+            lines.append(f"| {label} | {total:,} | {_num(total / images)} | "
+                         f"{_num(total / n_regions) if n_regions else '—'} |")
+        if caption["calls_without_usage"]:
+            lines += ["", f"{caption['calls_without_usage']} of {caption['calls']} calls got an "
+                      "answer without token usage: the token figures are lower bounds."]
+    else:
+        lines += ["", "The captioner called no model."]
+    lines += ["", f"Extrapolated linearly from these {images} images, at these settings (same "
+              "annotators, program, image sizes and batch sizes):", "",
+              "| images | CPU-hours | GPU-hours | worker wall-hours | model calls | prompt tokens | "
+              "completion tokens |", "|---|---|---|---|---|---|---|"]
+    for n in EXTRAPOLATE_TO:
+        e = extrapolate(section, n)
+        assert e is not None
+        lines.append(f"| {_num(n)} | {_hours(e['cpu_hours'])} | {_hours(e['gpu_hours'])} | "
+                     f"{_hours(e['wall_hours'])} | {_num(e['calls'])} | {_num(e['prompt_tokens'])} | "
+                     f"{_num(e['completion_tokens'])} |")
+    notes = []
+    if not section["total"]["gpu_s"]:
+        notes.append("No GPU was used by the pipeline's workers (GPU-hours 0).")
+    if caption["bytes_sent"]:
+        notes.append("The captioning model ran on a server outside the workers: its CPU and GPU "
+                     "time is not in these seconds; its load is the model calls and tokens.")
+    return lines + (["", " ".join(notes)] if notes else [])
+
+
 LAYOUT = """```
 shards/{split}-{NNNNNN}[-{GGG}].tar  WebDataset: {key}.json (the record) + {key}.jpg|png (stored image)
 index/images/{shard}.parquet        one row per image
@@ -460,6 +547,7 @@ def render(manifest: dict[str, Any]) -> str:
     if stats is not None:
         lines += ["## Text", "", *_text_lines(stats), ""]
     lines += ["## Failures", "", *_failure_lines(manifest, stats), "",
+              "## Cost", "", *_cost_lines(manifest), "",
               "## Layout", "", LAYOUT, "",
               "## Loading", "", LOADING, "",
               "## Record schema", "",

@@ -12,13 +12,13 @@ from typing import Any, Iterable
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import card
+from pipelines import card, cost
 from pipelines import layout as lay
 from pipelines.config import PIPELINE_VERSION, PipelineConfig, mask_secrets
+from pipelines.cost import STAGES
 from pipelines.writer import read_json
 from schemas import SCHEMA_VERSION
 
-STAGES = ("read", "decode", "segment", "select_regions", "render_prompts", "caption", "assemble")
 _PACKAGES = ("apache-beam", "numpy", "pillow", "pyarrow", "webdataset", "pycocotools",
              "scikit-image", "jsonschema", "torch", "segment-anything", "openai")
 _SUMMED = ("inputs", "written", "failed", "transient", "images_without_masks", "caption_chars",
@@ -107,7 +107,8 @@ def versions() -> dict[str, str]:
 
 
 def totals(summary: dict[str, Any]) -> dict[str, Any]:
-    """Counts over all shards of the build (complete ones, and those waiting for a retry)."""
+    """Counts over all shards of the build (complete ones, and those waiting for a retry), and
+    their costs per stage (earlier runs' shards keep theirs: their stats.json holds them)."""
     shards = summary["shards"].values()
     out: dict[str, Any] = {name: sum(st.get(name, 0) for st in shards) for name in _SUMMED}
     for name in _COUNTERS:
@@ -115,6 +116,15 @@ def totals(summary: dict[str, Any]) -> dict[str, Any]:
         for st in shards:
             total.update(st.get(name, {}))
         out[name] = dict(sorted(total.items()))
+    # shards written before costs were recorded have none: averages are over the others
+    measured = [st for st in shards if "costs" in st]
+    out["costs"] = cost.summed(st["costs"] for st in measured)
+    timings: Counter = Counter()
+    for st in measured:
+        timings.update(st.get("timings", {}))
+    out["cost_timings"] = dict(timings)
+    out["cost_inputs"] = sum(st["inputs"] for st in measured)
+    out["cost_regions"] = sum(sum(st.get("regions_by_level", {}).values()) for st in measured)
     return out
 
 
@@ -161,6 +171,7 @@ def finalize(out: str, input_spec: str, config: PipelineConfig, provenance: dict
         "shards": [st["tar"] for st in complete if st["tar"]],
         "shards_this_run": len(summary["new_shards"]),
         "seconds_per_stage": {s: round(t["timings"].get(s, 0.0), 3) for s in STAGES},
+        "cost": cost.section(t["costs"], t["cost_timings"], t["cost_inputs"], t["cost_regions"]),
         "seconds_wall": round(seconds, 2),
         "beam_counters_this_run": counters or {},
         "versions": versions(),
@@ -206,6 +217,26 @@ def _clean_temporaries(out: str) -> None:
         FileSystems.delete([m.path for m in leftovers])
 
 
+def cost_line(section: dict[str, Any]) -> str:
+    """One line of what the build cost per image (CPU, GPU, model calls and tokens)."""
+    per = section["per_image"]
+    if not per:
+        return "cost: nothing measured"
+    top = sorted(((s, v["cpu_s"]) for s, v in section["stages"].items() if v["cpu_s"]),
+                 key=lambda kv: -kv[1])[:3]
+    n = max(section["images"], 1)
+    line = (f"cost per image: CPU {per['cpu_s']:.3f} s ("
+            + ", ".join(f"{s} {v / n:.3f}" for s, v in top) + f"), GPU {per['gpu_s']:.3f} s")
+    c = section["caption"]
+    if c["calls"]:
+        line += (f"; model calls {per['calls']:.1f} ({c['failed_calls']} of {c['calls']} failed), "
+                 f"tokens {per['prompt_tokens']:.0f} prompt + {per['completion_tokens']:.0f} "
+                 f"completion")
+        if c["calls_without_usage"]:
+            line += f" ({c['calls_without_usage']} calls reported no usage)"
+    return line
+
+
 def summary(manifest: dict[str, Any]) -> str:
     """Human summary printed at the end of a build."""
     c = manifest["counts"]
@@ -229,6 +260,7 @@ def summary(manifest: dict[str, Any]) -> str:
                      f"with --prune-vanished")
     lines.append("  seconds per stage (summed over images): " + ", ".join(
         f"{k} {v:.2f}" for k, v in manifest["seconds_per_stage"].items() if v))
+    lines.append("  " + cost_line(manifest["cost"]))
     lines.append(f"  wall time {manifest['seconds_wall']:.1f} s; validate with: make validate "
                  f"OUTPUT={manifest.get('output', '?')}")
     return "\n".join(lines)

@@ -1,11 +1,15 @@
 """The pipeline's stages as Beam DoFns. Each emits items on the main output and Failures on
-the ``failed`` output; an unexpected exception fails the element, never the pipeline."""
+the ``failed`` output; an unexpected exception fails the element, never the pipeline.
+
+Each stage records what an item cost it (``pipelines.cost``): wall seconds in ``item.timings``,
+CPU and GPU seconds (and the captioner's model calls, tokens, bytes) in ``item.costs``; a
+batched stage shares its batch's cost over its items. Measured spans end before an item is
+yielded (the next stages run inside the yield)."""
 from __future__ import annotations
 
 import hashlib
 import io
 import logging
-import time
 import traceback
 from collections import Counter
 from typing import Any, Iterator
@@ -20,6 +24,7 @@ from annotators.base import AnnotatorFailure, CaptionInput, SegmentInput, Segmen
 from annotators.registry import build_captioner, build_segmenter
 from pipelines import decode as dec
 from pipelines.assemble import build_record
+from pipelines.cost import Meter, on_gpu
 from pipelines.config import PipelineConfig
 from pipelines.regions import select_regions
 from pipelines.types import Failure, ImageItem, ImageRef, ShardOutcome
@@ -42,6 +47,11 @@ def _internal(item: ImageItem, stage: str, exc: BaseException) -> pvalue.TaggedO
     return _failure_out(item.fail(stage, reason, detail))
 
 
+def _record(item: ImageItem, stage: str, meter: Meter) -> None:
+    """A one-item stage's cost on ``item`` (no GPU: those stages run no model)."""
+    item.timings[stage], item.costs[stage] = meter.share(1)
+
+
 def _rgb(item: ImageItem) -> np.ndarray:
     """The stored image's pixels, decoded once per item and kept while the item is in memory."""
     if item.rgb is None:
@@ -57,20 +67,22 @@ class ReadImages(beam.DoFn):
 
     def process(self, ref: ImageRef) -> Iterator[Any]:
         item = ImageItem(ref=ref)
-        start = time.perf_counter()
         if ref.loader["kind"] == "invalid":   # e.g. a bad manifest row (no dedup pass ran)
             yield _failure_out(item.fail("read", ref.loader["reason"], ref.loader["detail"]))
             return
-        try:
-            item.data, item.ground_truth = dec.read_bytes(ref, self.config.decode.max_bytes)
-            item.sha256 = hashlib.sha256(item.data).hexdigest()
-        except dec.InputError as exc:
-            yield _failure_out(item.fail("read", exc.reason, exc.detail))
+        problem: Any = None
+        with Meter("read") as meter:
+            try:
+                item.data, item.ground_truth = dec.read_bytes(ref, self.config.decode.max_bytes)
+                item.sha256 = hashlib.sha256(item.data).hexdigest()
+            except dec.InputError as exc:
+                problem = _failure_out(item.fail("read", exc.reason, exc.detail))
+            except Exception as exc:
+                problem = _internal(item, "read", exc)
+        if problem is not None:
+            yield problem
             return
-        except Exception as exc:
-            yield _internal(item, "read", exc)
-            return
-        item.timings["read"] = time.perf_counter() - start
+        _record(item, "read", meter)
         Metrics.counter("dataset", "read").inc()
         yield item
 
@@ -82,18 +94,20 @@ class DecodeImages(beam.DoFn):
         self.config = config
 
     def process(self, item: ImageItem) -> Iterator[Any]:
-        start = time.perf_counter()
-        try:
-            decoded = dec.decode(item.data, self.config.decode)
-        except dec.InputError as exc:
-            yield _failure_out(item.fail("decode", exc.reason, exc.detail))
-            return
-        except Exception as exc:
-            yield _internal(item, "decode", exc)
+        problem: Any = None
+        with Meter("decode") as meter:
+            try:
+                decoded = dec.decode(item.data, self.config.decode)
+            except dec.InputError as exc:
+                problem = _failure_out(item.fail("decode", exc.reason, exc.detail))
+            except Exception as exc:
+                problem = _internal(item, "decode", exc)
+        if problem is not None:
+            yield problem
             return
         item.data, item.format, item.rgb = decoded.data, decoded.format, decoded.pixels
         item.width, item.height, item.image_info = decoded.width, decoded.height, decoded.info
-        item.timings["decode"] = time.perf_counter() - start
+        _record(item, "decode", meter)
         yield item
 
 
@@ -104,12 +118,14 @@ class Segment(beam.DoFn):
         self.config = config
         self.segmenter = None
         self.provenance: dict[str, Any] | None = None
+        self.on_gpu = False
 
     def setup(self) -> None:
         self.segmenter = build_segmenter(self.config.segmenter)
         self.segmenter.setup()
         # what this worker actually runs (device, dtype, fast path), not the driver's guess
         self.provenance = self.segmenter.provenance()
+        self.on_gpu = on_gpu(self.provenance)
 
     def teardown(self) -> None:
         if self.segmenter is not None:
@@ -126,24 +142,26 @@ class Segment(beam.DoFn):
         return SegmentInput(item.ref.key, rgb, given, size=(item.height, item.width))
 
     def process(self, batch: list[ImageItem]) -> Iterator[Any]:
-        start = time.perf_counter()
         ok: list[ImageItem] = []
         inputs: list[SegmentInput] = []
-        for item in batch:
+        outputs: list[Any] = []
+        problems: list[Any] = []
+        with Meter("segment") as meter:
+            for item in batch:
+                try:
+                    inputs.append(self._input(item))
+                    ok.append(item)
+                except Exception as exc:
+                    problems.append(_internal(item, "segment", exc))
             try:
-                inputs.append(self._input(item))
-                ok.append(item)
+                outputs = self.segmenter.segment_batch(inputs) if inputs else []
+                if len(outputs) != len(inputs):
+                    raise RuntimeError(f"segmenter gave {len(outputs)} answers for {len(inputs)} images")
             except Exception as exc:
-                yield _internal(item, "segment", exc)
-        try:
-            outputs = self.segmenter.segment_batch(inputs) if inputs else []
-            if len(outputs) != len(inputs):
-                raise RuntimeError(f"segmenter gave {len(outputs)} answers for {len(inputs)} images")
-        except Exception as exc:
-            for item in ok:
-                yield _internal(item, "segment", exc)
-            return
-        share = (time.perf_counter() - start) / max(len(ok), 1)
+                problems += [_internal(item, "segment", exc) for item in ok]
+                ok, outputs = [], []
+        yield from problems
+        wall, costs = meter.share(len(ok), self.on_gpu)
         for item, out in zip(ok, outputs, strict=True):
             if isinstance(out, AnnotatorFailure):
                 reason = "out_of_memory" if "out of memory" in out.detail.lower() else out.reason
@@ -152,7 +170,7 @@ class Segment(beam.DoFn):
             assert isinstance(out, SegmentOutput)
             item.candidates, item.segment_dropped = out.candidates, dict(out.dropped)
             item.segmenter_provenance = self.provenance
-            item.timings["segment"] = share
+            item.timings["segment"], item.costs["segment"] = wall, dict(costs)
             Metrics.distribution("segment", "candidates").update(len(out.candidates))
             yield item
 
@@ -164,22 +182,26 @@ class SelectRegions(beam.DoFn):
         self.config = config
 
     def process(self, item: ImageItem) -> Iterator[Any]:
-        start = time.perf_counter()
-        try:
-            item.regions, dropped = select_regions(item.candidates, (item.height, item.width),
-                                                   self.config.regions)
-        except Exception as exc:
-            yield _internal(item, "select_regions", exc)
+        with Meter("select_regions") as meter:
+            try:
+                item.regions, dropped = select_regions(item.candidates, (item.height, item.width),
+                                                       self.config.regions)
+            except Exception as exc:
+                problem = _internal(item, "select_regions", exc)
+            else:
+                problem = None
+                merged = Counter(item.segment_dropped)
+                merged.update(dropped)
+                item.segment_dropped = dict(merged)
+                item.candidates = []   # masks now live in the regions; free the rest
+        if problem is not None:
+            yield problem
             return
-        merged = Counter(item.segment_dropped)
-        merged.update(dropped)
-        item.segment_dropped = dict(merged)
         for reason, count in merged.items():
             Metrics.counter("regions_dropped", reason).inc(count)
-        item.candidates = []   # masks now live in the regions; free the rest
         if not any(r.level == "pixel" for r in item.regions):
             Metrics.counter("dataset", "images_without_masks").inc()
-        item.timings["select_regions"] = time.perf_counter() - start
+        _record(item, "select_regions", meter)
         yield item
 
 
@@ -200,22 +222,25 @@ class RenderPrompts(beam.DoFn):
         from annotators.caption import visual_prompts as vp
         from annotators.segment import masks as rle
 
-        start = time.perf_counter()
-        try:
-            rgb = _rgb(item)
-            whole = [0.0, 0.0, float(item.width), float(item.height)]
-            targets = [("image", None, whole)] + [(r.id, r, r.bbox) for r in item.regions]
-            for target, region, bbox in targets:
-                level = "image" if region is None else region.level
-                mask = rle.decode(region.rle) if region is not None and region.rle is not None else None
-                for spec in self.specs.get(level, []):
-                    params = {k: v for k, v in spec.items() if k not in ("name", "kind")}
-                    image = vp.render(spec["kind"], rgb, mask, bbox, **params)
-                    item.prompts.setdefault(target, {})[spec["name"]] = vp.to_png(image)
-        except Exception as exc:
-            yield _internal(item, "render_prompts", exc)
+        problem: Any = None
+        with Meter("render_prompts") as meter:
+            try:
+                rgb = _rgb(item)
+                whole = [0.0, 0.0, float(item.width), float(item.height)]
+                targets = [("image", None, whole)] + [(r.id, r, r.bbox) for r in item.regions]
+                for target, region, bbox in targets:
+                    level = "image" if region is None else region.level
+                    mask = rle.decode(region.rle) if region is not None and region.rle is not None else None
+                    for spec in self.specs.get(level, []):
+                        params = {k: v for k, v in spec.items() if k not in ("name", "kind")}
+                        image = vp.render(spec["kind"], rgb, mask, bbox, **params)
+                        item.prompts.setdefault(target, {})[spec["name"]] = vp.to_png(image)
+            except Exception as exc:
+                problem = _internal(item, "render_prompts", exc)
+        if problem is not None:
+            yield problem
             return
-        item.timings["render_prompts"] = time.perf_counter() - start
+        _record(item, "render_prompts", meter)
         yield item
 
 
@@ -225,33 +250,38 @@ class Caption(beam.DoFn):
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
         self.captioner = None
+        self.on_gpu = False
 
     def setup(self) -> None:
         self.captioner = build_captioner(self.config.captioner)
         self.captioner.setup()
+        self.on_gpu = on_gpu(self.captioner.provenance())
 
     def teardown(self) -> None:
         if self.captioner is not None:
             self.captioner.teardown()
 
     def process(self, batch: list[ImageItem]) -> Iterator[Any]:
-        start = time.perf_counter()
-        inputs = [CaptionInput(i.ref.key, i.width, i.height, i.data, i.regions, i.prompts,
-                               {"caption": i.given_caption} if i.given_caption else {})
-                  for i in batch]
-        try:
-            results = self.captioner.caption_batch(inputs)
-            if len(results) != len(inputs):
-                raise RuntimeError(f"captioner gave {len(results)} answers for {len(inputs)} images")
-        except Exception as exc:
-            for item in batch:
-                yield _internal(item, "caption", exc)
+        problems: list[Any] = []
+        with Meter("caption") as meter:
+            inputs = [CaptionInput(i.ref.key, i.width, i.height, i.data, i.regions, i.prompts,
+                                   {"caption": i.given_caption} if i.given_caption else {})
+                      for i in batch]
+            try:
+                results = self.captioner.caption_batch(inputs)
+                if len(results) != len(inputs):
+                    raise RuntimeError(f"captioner gave {len(results)} answers for {len(inputs)} images")
+            except Exception as exc:
+                problems = [_internal(item, "caption", exc) for item in batch]
+        if problems:
+            yield from problems
             return
-        share = (time.perf_counter() - start) / max(len(batch), 1)
+        wall, costs = meter.share(len(batch), self.on_gpu)
         for item, result in zip(batch, results, strict=True):
             item.captions = result
             item.prompts = {}
-            item.timings["caption"] = share
+            # the model's calls, tokens and bytes are the image's own; seconds are shared
+            item.timings["caption"], item.costs["caption"] = wall, {**costs, **result.cost}
             yield item
 
 
@@ -265,22 +295,23 @@ class Assemble(beam.DoFn):
         self.segmenter_provenance = segmenter_provenance   # the driver's, if a stage set none
 
     def process(self, item: ImageItem) -> Iterator[ShardOutcome]:
-        start = time.perf_counter()
-        try:
-            record, failures = build_record(item, item.segmenter_provenance or self.segmenter_provenance,
-                                            self.pipeline_version,
-                                            self.config.settings_hash())
-        except Exception as exc:
-            record, failures = None, [item.fail("assemble", "internal_error", f"{type(exc).__name__}: {exc}")]
+        with Meter("assemble") as meter:
+            try:
+                record, failures = build_record(item, item.segmenter_provenance or self.segmenter_provenance,
+                                                self.pipeline_version,
+                                                self.config.settings_hash())
+            except Exception as exc:
+                record, failures = None, [item.fail("assemble", "internal_error", f"{type(exc).__name__}: {exc}")]
         for failure in failures:
             Metrics.counter("failures", f"{failure.stage}.{failure.reason}").inc()
         if record is not None:
             Metrics.counter("dataset", "written").inc()
             for region in record["regions"]:
                 Metrics.counter("regions", region["level"]).inc()
-        item.timings["assemble"] = time.perf_counter() - start
+        _record(item, "assemble", meter)
         yield ShardOutcome(item.ref.key, item.ref.shard, record, item.data if record else None,
-                           failures, item.timings, item.ref.uri, item.sha256, item.segment_dropped)
+                           failures, item.timings, item.ref.uri, item.sha256, item.segment_dropped,
+                           item.costs)
 
 
 def failure_outcome(failure: Failure) -> ShardOutcome:

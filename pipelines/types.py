@@ -5,6 +5,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from settings.secrets import mask_text
+
 # Infrastructure, not the input: a rerun of the same command redoes these images.
 TRANSIENT_REASONS = frozenset({
     "timeout", "connection", "bad_response", "http_408", "http_429", "server_not_ready",
@@ -54,7 +56,7 @@ class Failure:
     def row(self) -> dict[str, Any]:
         """Row of failures/*.parquet."""
         return {"key": self.key, "source": self.source, "stage": self.stage, "reason": self.reason,
-                "class": failure_class(self.reason), "detail": self.detail[:2000],
+                "class": failure_class(self.reason), "detail": mask_text(self.detail)[:2000],
                 "region_id": self.region_id, "shard": self.shard}
 
 
@@ -76,7 +78,9 @@ class ImageItem:
     prompts: dict[str, dict[str, bytes]] = field(default_factory=dict)
     captions: Any = None                                     # annotators.base.CaptionResult
     region_failures: list[Failure] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
+    # stage -> {"cpu_s", "gpu_s", [model calls, tokens, bytes]}: see pipelines.cost
+    costs: dict[str, dict[str, float]] = field(default_factory=dict)
     segmenter_provenance: dict[str, Any] | None = None       # as set up in the worker that ran it
     rgb: Any = None                                          # decoded pixels of ``data`` (numpy), once
 
@@ -108,6 +112,7 @@ class ShardOutcome:
     uri: str = ""
     sha256: str = ""
     dropped: dict[str, int] = field(default_factory=dict)  # candidate regions dropped, by reason
+    costs: dict[str, dict[str, float]] = field(default_factory=dict)  # see ImageItem.costs
 
     @property
     def transient(self) -> bool:

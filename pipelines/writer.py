@@ -30,6 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
+from pipelines import cost
 from pipelines import layout as lay
 from pipelines.budget import endpoint_of
 from pipelines.types import ShardOutcome, failure_class
@@ -163,7 +164,8 @@ def _member(o: ShardOutcome, shard: str) -> dict[str, Any]:
 
 
 def shard_stats(shard: str, outcomes: list[ShardOutcome]) -> dict[str, Any]:
-    """Counts of one shard (summed over shards into the manifest by the pipeline)."""
+    """Counts of one shard (summed over shards into the manifest by the pipeline), with what its
+    inputs cost per stage (``timings``: wall seconds; ``costs``: see ``pipelines.cost``)."""
     failed_inputs = [f for o in outcomes for f in o.failures if f.region_id is None]
     region_failures = [f for o in outcomes if o.record is not None for f in o.failures
                        if f.region_id is not None]
@@ -198,6 +200,8 @@ def shard_stats(shard: str, outcomes: list[ShardOutcome]) -> dict[str, Any]:
         "regions_by_level": dict(levels), "regions_dropped_by_reason": dict(dropped),
         "images_without_masks": without_masks, "caption_chars": caption_chars,
         "region_long_caption_chars": long_chars, "timings": dict(timings), "tar": None,
+        # outcomes staged by an older version have no costs
+        "costs": cost.summed(getattr(o, "costs", {}) for o in outcomes),
     }
 
 

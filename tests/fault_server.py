@@ -20,6 +20,12 @@ It speaks enough of vLLM's OpenAI API (``POST /v1/chat/completions``, ``GET /v1/
 Healthy answers to structured-output requests (``response_format`` of type ``json_schema``) are
 JSON instances of the requested schema; other healthy answers are short varied captions.
 
+Completions carry OpenAI ``usage`` with deterministic counts (``prompt_tokens``: a quarter of the
+length of the request's messages as JSON; ``completion_tokens``: a quarter of the answer's length,
+at least 1), unless ``FaultConfig.usage`` is off or the request's text holds ``[[nousage]]``. The
+server adds up what it saw and said (``totals``: request body bytes, tokens reported, completions
+with and without usage), for tests that check a client's accounting.
+
 Start it in a background thread with ``with serve_faults(FaultConfig(...)) as server:`` (tests),
 or in another process with ``start_in_process`` (benchmarks, so its CPU is not the client's).
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -63,6 +70,7 @@ DEFAULT_MIX: dict[str, float] = {
     "drop": 1, "http_400": 1,
 }
 MARKER = re.compile(rb"\[\[fault:([a-z0-9_]+)(?::(\d+))?\]\]")
+NO_USAGE = b"[[nousage]]"                        # in a request: its completion has no usage
 REFUSAL_TEXT = "I'm sorry, but I can't help with describing this image."
 # Hostile answers. INJECTION_TEXT holds str.format fields of the shipped programs' templates,
 # positional and attribute fields, escaped braces, %-style and shell syntax, markup and SQL: as
@@ -101,6 +109,7 @@ class FaultConfig:
     record: bool = True             # keep headers and bodies of every request
     model: str = "fake-vlm"
     deterministic: bool = False     # answers depend on the request only (like a seeded model)
+    usage: bool = True              # completions report OpenAI ``usage`` (token counts)
 
     def check(self) -> None:
         """Reject unknown fault names early, with the known ones in the message."""
@@ -117,6 +126,8 @@ class Recorded:
     headers: dict[str, str]
     body: dict[str, Any]
     fault: str | None
+    size: int = 0                       # bytes of the request body
+    usage: dict[str, int] | None = None   # the usage its completion reported (None: none)
 
 
 class FaultApp:
@@ -130,6 +141,8 @@ class FaultApp:
         self.counts: Counter[str] = Counter()      # fault name (or "ok") -> times applied
         self.seen: Counter[bytes] = Counter()      # marker key -> arrivals
         self.requests: list[Recorded] = []
+        # request body bytes, tokens reported, completions with and without usage
+        self.totals: Counter[str] = Counter()
         names = list(config.mix)
         self._names = names
         self._weights = [config.mix[n] for n in names]
@@ -150,7 +163,7 @@ class FaultApp:
     async def stats(self, request: web.Request) -> web.Response:
         """Request and fault counts, and the server's CPU seconds (for a caller elsewhere)."""
         return web.json_response({"n_requests": self.n_requests, "counts": dict(self.counts),
-                                  "cpu_s": time.process_time()})
+                                  "totals": dict(self.totals), "cpu_s": time.process_time()})
 
     async def models(self, request: web.Request) -> web.Response:
         """The one served model."""
@@ -162,16 +175,20 @@ class FaultApp:
         """Answer one chat completion, possibly with a fault."""
         raw = await request.read()
         self.n_requests += 1
+        self.totals["request_bytes"] += len(raw)
         try:
             body = json.loads(raw)
         except ValueError:
             return _error(400, "request body is not JSON")
         fault = self._choose_fault(raw, body)
         self.counts[fault or "ok"] += 1
+        recorded = Recorded(dict(request.headers), body, fault, len(raw))
         if self.config.record:
-            self.requests.append(Recorded(dict(request.headers), body, fault))
+            self.requests.append(recorded)
         if self.config.latency_s > 0:
             await asyncio.sleep(self.config.latency_s)
+        # what the completion of this request reports, read by _completion (in this task only)
+        _USAGE.set(_Usage(self.config.usage and NO_USAGE not in raw, recorded, self.totals))
         return await self._answer(request, body, fault)
 
     def _choose_fault(self, raw: bytes, body: dict[str, Any]) -> str | None:
@@ -236,16 +253,36 @@ class FaultApp:
                 f"lit from the left; request {n}, the background is {adj[2]}.")
 
     def _completion(self, body: dict[str, Any], text: str, finish: str) -> dict[str, Any]:
-        prompt_tokens = len(json.dumps(body.get("messages", ""))) // 4
-        completion_tokens = max(1, len(text) // 4)
-        return {
+        usage = _USAGE.get(None) or _Usage(self.config.usage, Recorded({}, body, None), Counter())
+        out: dict[str, Any] = {
             "id": f"chatcmpl-{self.n_requests}", "object": "chat.completion",
             "created": int(time.time()), "model": body.get("model", self.config.model),
             "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
                          "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
         }
+        if not usage.report:
+            usage.totals["without_usage"] += 1
+            return out
+        prompt_tokens = len(json.dumps(body.get("messages", ""))) // 4
+        completion_tokens = max(1, len(text) // 4)
+        out["usage"] = usage.recorded.usage = {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+        usage.totals.update(with_usage=1, prompt_tokens=prompt_tokens,
+                            completion_tokens=completion_tokens)
+        return out
+
+
+@dataclass
+class _Usage:
+    """Whether a completion reports usage, and where to note what it reported."""
+
+    report: bool
+    recorded: Recorded
+    totals: Counter[str]
+
+
+_USAGE: contextvars.ContextVar[_Usage] = contextvars.ContextVar("fault_server_usage")
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -2,12 +2,20 @@
 Qwen2-VL built locally (tools/vllm_cpu). The pipeline starts and stops the server itself.
 
 Random weights write nonsense: these tests check contracts (every input accounted for, records
-valid, tags from structured output, provenance, no server left), never wording.
+valid, tags from structured output, provenance, no server left, the manifest's model calls and
+tokens equal to the server's own counters), never wording.
 """
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
+import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.parquet as pq
 import pytest
@@ -85,4 +93,77 @@ def test_programs_against_real_server(tmp_path: Path, vllm_env: None, program: s
     if program == "longgrit":
         judged = [r for rec in got.values() for r in rec["regions"]]
         assert all(r["scores"].get("judge_keep") == 1.0 for r in judged)
+    # what the model calls cost, from vLLM's own usage (it always reports it)
+    cost = manifest["cost"]["caption"]
+    assert cost["calls"] >= cost["requests"] >= n_regions + len(region_failures) > 0
+    assert cost["prompt_tokens"] > 0 and cost["completion_tokens"] > 0
+    assert cost["calls_without_usage"] == 0
+    assert cost["bytes_sent"] > cost["bytes_received"] > 0
+    assert manifest["cost"]["stages"]["caption"]["cpu_s"] > 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _counters(base: str) -> Counter:
+    """vLLM's Prometheus counters that a client's accounting must match, summed over labels."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    wanted = ("vllm:request_success_total", "vllm:prompt_tokens_total",
+              "vllm:generation_tokens_total")
+    found: Counter = Counter()
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in wanted:
+            found[name] += float(line.rsplit(" ", 1)[1])
+    return found
+
+
+@pytest.fixture
+def vllm_server(vllm_env: None) -> Iterator[str]:
+    """A vLLM CPU server of the tiny model started here (not managed by the pipeline, so its
+    counters can be read after a build); its base URL without /v1."""
+    port = _free_port()
+    process = subprocess.Popen(["bash", str(REPO / "tools/vllm_cpu/serve.sh"), "--port", str(port)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert process.poll() is None, "the vLLM server exited while starting"
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.time() < deadline, "the vLLM server did not start in 300 s"
+                time.sleep(1)
+        yield base
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+def test_cost_matches_the_real_servers_counters(tmp_path: Path, vllm_server: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    config = _config("umg")
+    del config["captioner"]["server"]
+    config["captioner"]["endpoints"] = [f"{vllm_server}/v1"]
+    before = _counters(vllm_server)
+    _, manifest = build(tmp_path, "synthetic://4", config=config)
+    after = _counters(vllm_server)
+    served = {name: after[name] - before[name] for name in after}
+    cost = manifest["cost"]["caption"]
+    assert cost["calls"] == served["vllm:request_success_total"] > 0
+    assert cost["prompt_tokens"] == served["vllm:prompt_tokens_total"] > 0
+    assert cost["completion_tokens"] == served["vllm:generation_tokens_total"] > 0
+    assert cost["calls_without_usage"] == 0 and cost["bytes_sent"] > 0
 

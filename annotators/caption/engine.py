@@ -13,6 +13,9 @@ prompt is drawn directly at that size and encoded (``prompt_format`` / ``prompt_
 however many steps send it. Backends send these ``Encoded`` bytes as they are. So the pipeline
 renders nothing for a program captioner (``prompt_specs()`` is empty).
 
+Cost: every request's ``cost`` (filled in by its backend: calls, tokens, bytes) is summed per
+image into ``CaptionResult.cost``, so the pipeline can account for it per image and shard.
+
 ``ProgramCaptioner`` is the base of the captioners that run programs (``vllm``,
 ``transformers``): a subclass gives its settings (with ``program``), ``new_client(name)``, the
 backend of each client name the program uses, and ``client_settings(name)``, that client's
@@ -39,7 +42,13 @@ from annotators.base import (
 )
 from annotators.caption import visual_prompts as vp
 from annotators.caption.attributes import position_name, size_name
-from annotators.caption.backends.base import Backend, ChatResult, Encoded, GenerationRequest
+from annotators.caption.backends.base import (
+    Backend,
+    CallCost,
+    ChatResult,
+    Encoded,
+    GenerationRequest,
+)
 from annotators.caption.backends.images import ImageOptions
 from annotators.caption.program import (
     DEFAULT_CLIENT,
@@ -233,10 +242,11 @@ class ProgramCaptioner(Captioner):
             self.setup()
         targets = self._targets(items)
         images = BatchImages(items)
+        costs = [CallCost() for _ in items]
         depth = max(len(steps) for steps in self.program.steps.values())
         for index in range(depth):
-            self._run_step(index, images, targets)
-        return [self._result(targets[i]) for i in range(len(items))]
+            self._run_step(index, images, targets, costs)
+        return [self._result(targets[i], costs[i]) for i in range(len(items))]
 
     def _targets(self, items: list[CaptionInput]) -> list[list[_Target]]:
         out = []
@@ -246,10 +256,10 @@ class ProgramCaptioner(Captioner):
             out.append(row)
         return out
 
-    def _run_step(self, index: int, images: BatchImages,
-                  targets: list[list[_Target]]) -> None:
+    def _run_step(self, index: int, images: BatchImages, targets: list[list[_Target]],
+                  costs: list[CallCost]) -> None:
         """Step ``index`` of every live target, one generate call per client, clients in
-        parallel."""
+        parallel; each request's cost added to its image's."""
         work: dict[str, list[tuple[_Target, Step, GenerationRequest]]] = {}
         for row in targets:
             if row[0].failure is not None:
@@ -270,7 +280,9 @@ class ProgramCaptioner(Captioner):
             futures = {name: pool.submit(self.clients[name].generate, [w[2] for w in jobs])
                        for name, jobs in work.items()}
             for name, jobs in work.items():
-                for (target, step, _), answer in zip(jobs, futures[name].result(), strict=True):
+                for (target, step, request), answer in zip(jobs, futures[name].result(),
+                                                            strict=True):
+                    costs[target.item].add(request.cost)
                     self._apply(target, step, answer)
 
     def _request(self, images: BatchImages, target: _Target,
@@ -333,10 +345,10 @@ class ProgramCaptioner(Captioner):
             return
         target.outputs[step.name] = value
 
-    def _result(self, row: list[_Target]) -> CaptionResult:
+    def _result(self, row: list[_Target], cost: CallCost) -> CaptionResult:
         image = row[0]
         if image.failure is not None:
-            return CaptionResult(None, {}, [image.failure])
+            return CaptionResult(None, {}, [image.failure], cost.as_dict())
         provenance = self.provenance()
         regions: dict[str, TextOut] = {}
         failures: list[AnnotatorFailure] = []
@@ -345,7 +357,7 @@ class ProgramCaptioner(Captioner):
                 failures.append(target.failure)
             else:
                 regions[target.id] = self._text(target, provenance)
-        return CaptionResult(self._text(image, provenance), regions, failures)
+        return CaptionResult(self._text(image, provenance), regions, failures, cost.as_dict())
 
     @staticmethod
     def _text(target: _Target, provenance: dict[str, Any]) -> TextOut:

@@ -9,6 +9,10 @@ Images arrive as the pipeline holds them (encoded bytes, arrays, PIL images or r
 as ``Encoded`` bytes the caption engine already fit and encoded for this backend (the whole image
 and the visual prompts: sent as they are); the same object in several requests of one call (the
 whole image, shared by all of its regions) is prepared once (``prepare_images``).
+
+Cost: a backend adds what answering each request cost to that request's ``cost`` (a
+``CallCost``: model calls including retries and failed ones, tokens from the model's own
+count, bytes over the wire), so the engine can sum it per image whatever the backend is.
 """
 from __future__ import annotations
 
@@ -59,13 +63,65 @@ ImageLike = Union[bytes, np.ndarray, "Image.Image", str, Encoded]
 
 
 @dataclass
+class CallCost:
+    """What answering requests cost a backend; filled in by the backend as it works.
+
+    ``calls`` are model calls made (an HTTP attempt, a row of a generated chunk), retries
+    included; ``failed_calls`` those that gave no accepted answer (an HTTP error, a timeout, an
+    answer failing its checks). Tokens are the model's own count (the server's OpenAI ``usage``,
+    or the input and generated ids of an in-process model), summed over the calls that reported
+    them: a call that got a completion without ``usage`` is counted in ``calls_without_usage``
+    and its tokens are unknown, not zero. Bytes are request and response bodies (JSON, no HTTP
+    headers; 0 in process): every attempt's request body, and the bodies of the completions read.
+    """
+
+    requests: int = 0
+    calls: int = 0
+    failed_calls: int = 0
+    calls_without_usage: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def add(self, other: "CallCost") -> None:
+        """Add ``other``'s counts to these."""
+        for name in COST_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def add_usage(self, usage: Any) -> dict[str, int]:
+        """Count a completion's OpenAI ``usage``: its tokens when it has ``prompt_tokens`` and
+        ``completion_tokens`` as counts, else one more call without usage. Returns the counts
+        found ({} when none)."""
+        if isinstance(usage, dict):
+            counts = {k: v for k, v in usage.items()
+                      if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+            if "prompt_tokens" in counts and "completion_tokens" in counts:
+                self.prompt_tokens += counts["prompt_tokens"]
+                self.completion_tokens += counts["completion_tokens"]
+                return counts
+        self.calls_without_usage += 1
+        return {}
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts by field name (``COST_FIELDS``)."""
+        return {name: getattr(self, name) for name in COST_FIELDS}
+
+
+COST_FIELDS: tuple[str, ...] = ("requests", "calls", "failed_calls", "calls_without_usage",
+                                "prompt_tokens", "completion_tokens", "bytes_sent",
+                                "bytes_received")
+
+
+@dataclass
 class GenerationRequest:
     """One model call of a caption program.
 
     ``images`` go before ``text`` in this order (the whole image first, so a server's prefix
     cache reuses it across regions). ``json_schema`` asks for structured output, parsed and
     validated into ``ChatAnswer.parsed``. ``max_tokens`` / ``temperature`` override the
-    backend's defaults; ``region_id`` is copied into the answer or failure.
+    backend's defaults; ``region_id`` is copied into the answer or failure; the backend adds
+    what the request cost to ``cost``.
     """
 
     text: str
@@ -76,6 +132,7 @@ class GenerationRequest:
     max_tokens: int | None = None
     temperature: float | None = None
     region_id: str | None = None
+    cost: CallCost = field(default_factory=CallCost)   # filled in by the backend that answers
 
 
 @dataclass

@@ -14,6 +14,11 @@ checks as the HTTP backend (``check_answer``: answer_too_large, empty, refusal, 
 truncated, answer_too_deep, answer_not_json, answer_schema; ``allow_truncated`` honoured). ``TransformersCaptioner`` runs programs on it
 (``annotators.caption.engine``), one client per client name.
 
+Cost: each request's ``cost`` counts one call per try (a row of a generated chunk; failed ones
+apart), prompt tokens as the row's input ids without padding (image tokens included) and
+completion tokens as the ids generated up to and including the end-of-answer token, whether or
+not the answer passes its checks. No bytes go over a wire (0).
+
 Longer than most modules (about 500 lines) on purpose: the settings, the backend and the
 captioner that names it in configs live together, so that another in-process backend (e.g.
 vLLM's ``LLM``) is one file to copy and one registry line.
@@ -340,6 +345,8 @@ class LocalChatClient(Backend):
                 if not isinstance(images, AnnotatorFailure)}
         results: dict[int, ChatResult] = {i: failure for i, failure in enumerate(prepared)
                                           if isinstance(failure, AnnotatorFailure)}
+        for i in live:
+            requests[i].cost.requests += 1
         with self._lock:
             self.metrics["requests"] += len(live)
             answers = self._attempt(requests, live, sorted(live), 0)
@@ -408,11 +415,15 @@ class LocalChatClient(Backend):
                   retry: int) -> dict[int, ChatResult]:
         """Generate one chunk; a failure of the chunk fails each of its requests."""
         started = time.perf_counter()
+        for p in chunk:
+            requests[p.index].cost.calls += 1
         try:
             inputs, output = self._run_model(chunk, retry)
         except Exception as exc:  # e.g. out of memory: fail these requests, keep the batch
             log.warning("generation of %d request(s) failed", len(chunk), exc_info=True)
             detail = f"generation failed: {type(exc).__name__}: {exc}"[:500]
+            for p in chunk:
+                requests[p.index].cost.failed_calls += 1
             return {p.index: AnnotatorFailure("client_error", detail, requests[p.index].region_id)
                     for p in chunk}
         latency = time.perf_counter() - started
@@ -446,13 +457,17 @@ class LocalChatClient(Backend):
         """Check one generated sequence; a ChatAnswer or the failure of the first check."""
         stop = next((k for k, t in enumerate(tokens) if t in self._eos), None)
         finish = "stop" if stop is not None or len(tokens) < item.limit else "length"
+        # generated: up to and including the end token (the padding after it is not an answer's)
+        generated = len(tokens) if stop is None else stop + 1
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                 "total_tokens": prompt_tokens + generated}
+        request.cost.add_usage(usage)
         tokens = tokens if stop is None else tokens[:stop]
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
         text, parsed, problem = check_answer(text, finish, request.json_schema, self.checks)
         if problem:
+            request.cost.failed_calls += 1
             return AnnotatorFailure(problem[0], problem[1], request.region_id)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
-                 "total_tokens": prompt_tokens + len(tokens)}
         return ChatAnswer(text=text, parsed=parsed, finish_reason=finish, usage=usage,
                           latency_s=latency, total_s=latency, endpoint=f"local:{self.device}",
                           region_id=request.region_id)

@@ -17,6 +17,11 @@ Captioners send many small chat requests (one per region) to one or more servers
 * Messages put the parts shared by all regions of an image (system prompt, whole image) first,
   for the server's prefix cache (``messages``); images are fit to a pixel budget and sent as data
   URLs (``images``).
+* Cost: each request's ``cost`` (``CallCost``) counts its HTTP attempts (failed ones apart), the
+  request body bytes of each attempt (serialised here, once, and sent as they are: the count is
+  exactly what went over the wire, headers excluded), the bodies of the completions read, and
+  the tokens of the server's ``usage`` (a completion without it is counted as such, its tokens
+  unknown).
 
 The API key is read from an environment variable when the connection state is built; it is
 held only by the SDK client objects, never in settings, logs or provenance.
@@ -37,6 +42,7 @@ from annotators.base import AnnotatorFailure
 from annotators.caption.backends.base import (
     IN_FLIGHT,
     Backend,
+    CallCost,
     ChatAnswer,
     ChatResult,
     GenerationRequest,
@@ -95,6 +101,12 @@ def _json_body(content: bytes) -> Any:
         return json.loads(content)
     except UnicodeDecodeError:
         return json.loads(content.decode("utf-8", errors="replace"))
+
+
+def request_bytes(body: dict[str, Any]) -> bytes:
+    """The JSON bytes of a request body, as the OpenAI SDK and httpx would write them (compact,
+    UTF-8, no NaN)."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _new_metrics() -> dict[str, Any]:
@@ -181,15 +193,18 @@ class VllmChatClient(Backend):
                 shared_images: Sequence[ImageLike] = (), region_images: Sequence[ImageLike] = (),
                 text: str = "", json_schema: dict[str, Any] | None = None,
                 schema_name: str = "answer", region_id: str | None = None,
-                max_tokens: int | None = None, temperature: float | None = None) -> ChatRequest:
-        """A ChatRequest built with ``build_messages`` under this client's image settings."""
+                max_tokens: int | None = None, temperature: float | None = None,
+                cost: CallCost | None = None) -> ChatRequest:
+        """A ChatRequest built with ``build_messages`` under this client's image settings; its
+        cost is counted into ``cost`` when given."""
         messages = build_messages(system=system, shared_text=shared_text,
                                   shared_images=shared_images, region_images=region_images,
                                   text=text, max_pixels=self.settings.image_max_pixels,
                                   image_format=self.settings.image_format,
                                   jpeg_quality=self.settings.jpeg_quality)
         return ChatRequest(messages, json_schema=json_schema, schema_name=schema_name,
-                           region_id=region_id, max_tokens=max_tokens, temperature=temperature)
+                           region_id=region_id, max_tokens=max_tokens, temperature=temperature,
+                           cost=CallCost() if cost is None else cost)
 
     def encode_image(self, image: ImageLike) -> str:
         """``encode_image`` with this client's settings; encode a shared image once per image."""
@@ -198,12 +213,13 @@ class VllmChatClient(Backend):
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[ChatResult]:
         """Answer caption-program requests (the backend interface): each image encoded once per
-        call, requests run together by ``run_many``; results in input order."""
+        call, requests run together by ``run_many``; results in input order, each request's
+        cost counted into its ``cost``."""
         prepared = prepare_images(requests, self.encode_image)
         chats = [self.request(system=r.system, shared_images=images, text=r.text,
                               json_schema=r.json_schema, schema_name=r.schema_name,
                               region_id=r.region_id, max_tokens=r.max_tokens,
-                              temperature=r.temperature)
+                              temperature=r.temperature, cost=r.cost)
                  for r, images in zip(requests, prepared, strict=True)
                  if not isinstance(images, AnnotatorFailure)]
         answers = iter(self.run_many(chats))
@@ -231,6 +247,7 @@ class VllmChatClient(Backend):
         Never raises, except when cancelled.
         """
         self._bump("requests")
+        request.cost.requests += 1
         try:
             result = await self._chat(self._pool(), request)
         except asyncio.CancelledError:
@@ -308,14 +325,17 @@ class VllmChatClient(Backend):
 
     async def _attempt(self, pool: Pool, endpoint: Endpoint, request: ChatRequest,
                        answer_retry: int) -> ChatAnswer | Fault:
-        body = self._body(request, answer_retry)
+        data = request_bytes(self._body(request, answer_retry))
         self._bump("attempts")
+        cost = request.cost
+        cost.calls += 1
+        cost.bytes_sent += len(data)
         started = time.perf_counter()
         endpoint.in_flight += 1
         IN_FLIGHT.add(1)
         try:
             # The raw response (not the typed ChatCompletion): we check and parse it ourselves.
-            response = await endpoint.client.post("/chat/completions", body=body,
+            response = await endpoint.client.post("/chat/completions", content=data,
                                                   cast_to=pool.raw_response)
             content: bytes = response.content
         except Exception as exc:  # classified below; anything unknown is not retried
@@ -327,9 +347,12 @@ class VllmChatClient(Backend):
             endpoint.in_flight -= 1
             IN_FLIGHT.add(-1)
         if fault is None:
+            cost.bytes_received += len(content)
             result = self._read(content, request, time.perf_counter() - started, endpoint.url)
         else:
             result = fault
+        if isinstance(result, Fault):
+            cost.failed_calls += 1
         self._note_health(pool, endpoint, result)
         return result
 
@@ -349,9 +372,12 @@ class VllmChatClient(Backend):
 
         A body over ``max_body_bytes`` is not parsed (``answer_too_large``); invalid UTF-8 is
         decoded with U+FFFD replacements (the answer's characters are then checked like any
-        other); a body that is not a chat completion is ``bad_response``."""
+        other); a body that is not a chat completion is ``bad_response``. The completion's
+        ``usage`` is counted into ``request.cost`` whether or not its answer passes the checks
+        (the tokens were spent); an unparsed completion's tokens are unknown."""
         limit = max_body_bytes(self.settings.max_answer_chars)
         if len(content) > limit:
+            request.cost.calls_without_usage += 1
             return Fault("answer_too_large", f"a {len(content)}-byte response from {url}, more "
                          f"than the {limit} bytes an answer of at most "
                          f"{self.settings.max_answer_chars} characters needs", "answer")
@@ -367,14 +393,12 @@ class VllmChatClient(Backend):
         if not isinstance(message, dict) or not isinstance(text, str):
             return Fault("bad_response", f"no chat answer (choices[0].message.content as text) "
                          f"in the response from {url}", "transport", endpoint_fault=True)
+        usage = request.cost.add_usage(data.get("usage"))
         finish = choice.get("finish_reason")
         finish = finish if isinstance(finish, str) else ""
         text, parsed, problem = check_answer(text, finish, request.json_schema, self.checks)
         if problem:
             return Fault(problem[0], problem[1], "answer")
-        usage = data.get("usage")
-        usage = {k: v for k, v in usage.items() if isinstance(v, int)} \
-            if isinstance(usage, dict) else {}
         return ChatAnswer(text=text, parsed=parsed, finish_reason=finish, usage=usage,
                           latency_s=latency, endpoint=url, region_id=request.region_id)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from annotators.caption.backends.base import ImageLike
+from annotators.caption.backends.base import CallCost, ImageLike
 from annotators.caption.backends.images import encode_image
 
 
@@ -14,7 +14,8 @@ class ChatRequest:
 
     ``json_schema`` asks vLLM for structured output (``response_format`` json_schema, strict) and
     makes the answer's JSON parsed and validated. ``region_id`` is copied into a failure.
-    ``extra`` is merged into the request body (vLLM sampling extras).
+    ``extra`` is merged into the request body (vLLM sampling extras). The client adds what the
+    request cost (calls, tokens, bytes) to ``cost``.
     """
 
     messages: list[dict[str, Any]]
@@ -24,6 +25,7 @@ class ChatRequest:
     max_tokens: int | None = None
     temperature: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    cost: CallCost = field(default_factory=CallCost)
 
 
 def build_messages(*, system: str | None = None, shared_text: str = "",
