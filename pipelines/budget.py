@@ -17,6 +17,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipelines.types import Failure, ShardOutcome
+from settings.secrets import mask_text
 
 MARKER = "failure budget exceeded"
 _URL = re.compile(r"https?://[^\s'\"),]+")
@@ -27,8 +28,9 @@ class BudgetExceeded(RuntimeError):
 
 
 def endpoint_of(detail: str) -> str | None:
-    """The first URL a failure's detail names (the endpoint that failed), if any."""
-    match = _URL.search(detail)
+    """The first URL a failure's detail names (the endpoint that failed), if any; credentials in
+    it are masked."""
+    match = _URL.search(mask_text(detail))
     return match.group(0).rstrip(".:") if match else None
 
 

@@ -115,3 +115,14 @@ def test_free_text_without_secrets_is_unchanged() -> None:
 
     for text in ("max_tokens=512 reached", "token budget: 5 tokens left", "http_503 at http://127.0.0.1:8000/v1"):
         assert mask_text(text) == text
+
+
+def test_failure_rows_and_budget_messages_carry_no_credentials() -> None:
+    from pipelines.budget import endpoint_of
+    from pipelines.types import Failure
+
+    detail = "HTTP 503 from http://svc:s3cr3t-pass@10.0.0.5:8000/v1 (Authorization: Bearer sk-abcdefghijkl1)"
+    row = Failure("k", "a.png", "caption", "http_503", detail).row()
+    assert "s3cr3t-pass" not in row["detail"] and "sk-abcdefghijkl1" not in row["detail"]
+    assert "10.0.0.5:8000/v1" in row["detail"]
+    assert endpoint_of(detail) == "http://***@10.0.0.5:8000/v1"
