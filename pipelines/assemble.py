@@ -24,8 +24,31 @@ def _drop_failed(regions: list[RegionView], failed: set[str]) -> list[RegionView
     return kept
 
 
-def _region_json(region: RegionView, text: TextOut, segmenter: dict[str, Any],
-                 table: ProvenanceTable) -> dict[str, Any]:
+class _ProvenanceIds:
+    """A record's provenance ids. Each distinct provenance is masked and hashed once per record,
+    not once per region: captioner provenance by object (a captioner shares one dict across an
+    image's texts; every object stays alive while the record is built), segmenter provenance by
+    the region's source."""
+
+    def __init__(self, segmenter: dict[str, Any]) -> None:
+        self.table = ProvenanceTable()
+        self.segmenter = segmenter
+        self._ids: dict[tuple[str, Any], str] = {}
+
+    def captioner(self, provenance: dict[str, Any]) -> str:
+        key = ("captioner", id(provenance))
+        if key not in self._ids:
+            self._ids[key] = self.table.add("captioner", mask_secrets(provenance))
+        return self._ids[key]
+
+    def segmenter_of(self, source: str) -> str:
+        key = ("segmenter", source)
+        if key not in self._ids:
+            self._ids[key] = self.table.add("segmenter", {**self.segmenter, "source": source})
+        return self._ids[key]
+
+
+def _region_json(region: RegionView, text: TextOut, ids: _ProvenanceIds) -> dict[str, Any]:
     out = {
         "id": region.id,
         "level": region.level,
@@ -37,17 +60,12 @@ def _region_json(region: RegionView, text: TextOut, segmenter: dict[str, Any],
         "caption": text.caption,
         "long_caption": text.long_caption,
         "tags": list(text.tags),
-        "provenance": {"segmenter": table.add("segmenter", {**segmenter, "source": region.stats.get("source", "")}),
-                       "captioner": table.add("captioner", _masked(text.provenance))},
+        "provenance": {"segmenter": ids.segmenter_of(region.stats.get("source", "")),
+                       "captioner": ids.captioner(text.provenance)},
     }
     if region.given:
         out["given"] = dict(region.given)
     return out
-
-
-def _masked(provenance: dict[str, Any]) -> dict[str, Any]:
-    """Provenance with secret-looking values (API keys, tokens in a server command) masked."""
-    return mask_secrets(provenance)
 
 
 def build_record(item: ImageItem, segmenter: dict[str, Any], pipeline_version: str,
@@ -74,9 +92,9 @@ def build_record(item: ImageItem, segmenter: dict[str, Any], pipeline_version: s
     if item.ground_truth:
         source["ground_truth"] = item.ground_truth
     image_level = result.image_level
-    table = ProvenanceTable()
-    image_provenance = table.add("captioner", _masked(image_level.provenance))
-    region_json = [_region_json(r, result.regions[r.id], segmenter, table) for r in regions]
+    ids = _ProvenanceIds(segmenter)
+    image_provenance = ids.captioner(image_level.provenance)
+    region_json = [_region_json(r, result.regions[r.id], ids) for r in regions]
     record = {
         "schema_version": SCHEMA_VERSION,
         "key": item.ref.key,
@@ -87,7 +105,7 @@ def build_record(item: ImageItem, segmenter: dict[str, Any], pipeline_version: s
                         **({"given": {"caption": item.given_caption}} if item.given_caption else {})},
         "regions": region_json,
         "provenance": {"pipeline_version": pipeline_version, "settings_hash": settings_hash,
-                       "annotators": table.as_dict()},
+                       "annotators": ids.table.as_dict()},
     }
     errors = record_errors(record)
     if errors:

@@ -297,17 +297,7 @@ def _prompts(captioner: Captioner, rgb: np.ndarray, views: list[RegionView]) -> 
         return {}
     from annotators.caption import visual_prompts as vp
 
-    height, width = rgb.shape[:2]
-    out: dict[str, dict[str, bytes]] = {}
-    targets = [("image", None, [0.0, 0.0, float(width), float(height)])] + [(v.id, v, v.bbox) for v in views]
-    for target, view, bbox in targets:
-        level = "image" if view is None else view.level
-        mask = rle.decode(view.rle) if view is not None and view.rle is not None else None
-        for spec in specs.get(level, []):
-            params = {k: v for k, v in spec.items() if k not in ("name", "kind")}
-            image = vp.render(spec["kind"], rgb, mask, bbox, **params)
-            out.setdefault(target, {})[spec["name"]] = vp.to_png(image)
-    return out
+    return vp.render_specs(specs, rgb, views)
 
 
 def annotate(batch: list[tuple[str, bytes, list[dict[str, Any]]]], config: PipelineConfig,

@@ -220,21 +220,11 @@ class RenderPrompts(beam.DoFn):
             yield item
             return
         from annotators.caption import visual_prompts as vp
-        from annotators.segment import masks as rle
 
         problem: Any = None
         with Meter("render_prompts") as meter:
             try:
-                rgb = _rgb(item)
-                whole = [0.0, 0.0, float(item.width), float(item.height)]
-                targets = [("image", None, whole)] + [(r.id, r, r.bbox) for r in item.regions]
-                for target, region, bbox in targets:
-                    level = "image" if region is None else region.level
-                    mask = rle.decode(region.rle) if region is not None and region.rle is not None else None
-                    for spec in self.specs.get(level, []):
-                        params = {k: v for k, v in spec.items() if k not in ("name", "kind")}
-                        image = vp.render(spec["kind"], rgb, mask, bbox, **params)
-                        item.prompts.setdefault(target, {})[spec["name"]] = vp.to_png(image)
+                item.prompts = vp.render_specs(self.specs, _rgb(item), item.regions)
             except Exception as exc:
                 problem = _internal(item, "render_prompts", exc)
         if problem is not None:

@@ -545,6 +545,25 @@ def to_png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def render_specs(specs: Mapping[str, list[dict[str, Any]]], rgb: np.ndarray,
+                 regions: Sequence[Any]) -> dict[str, dict[str, bytes]]:
+    """The visual prompts a captioner asks for (``prompt_specs()``: level → [{name, kind,
+    **params}]) rendered as PNG per target: ``"image"`` and each region's id (regions have
+    ``id``, ``level``, ``bbox`` and a COCO RLE ``rle`` or None)."""
+    from annotators.segment import masks as rle
+
+    height, width = rgb.shape[:2]
+    out: dict[str, dict[str, bytes]] = {}
+    targets = [("image", None, [0.0, 0.0, float(width), float(height)])] + [(r.id, r, r.bbox) for r in regions]
+    for target, region, bbox in targets:
+        level = "image" if region is None else region.level
+        mask = rle.decode(region.rle) if region is not None and region.rle is not None else None
+        for spec in specs.get(level, []):
+            params = {k: v for k, v in spec.items() if k not in ("name", "kind")}
+            out.setdefault(target, {})[spec["name"]] = to_png(render(spec["kind"], rgb, mask, bbox, **params))
+    return out
+
+
 # --------------------------------------------------------------------------- internals
 
 
