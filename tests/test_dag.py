@@ -296,7 +296,7 @@ def test_deployment_beam_flags_are_added_and_not_overridable(tmp_path: Path, dep
 
 
 @pytest.mark.parametrize("param, value, refusal", [
-    ("publish_dir", "../../etc", r"publish_dir: '../../etc' \(resolved: /etc\) is outside the allowed roots"),
+    ("publish_dir", "../" * 40 + "etc", r"publish_dir: '(\.\./)+etc' \(resolved: /etc\) is outside the allowed roots"),
     ("publish_dir", "/etc", r"publish_dir: '/etc' is outside the allowed roots .*MULTIGRAN_PUBLISH_ROOT"),
     ("publish_dir", "{tmp}/published/../outside", r"publish_dir: .* is outside the allowed roots"),
     ("publish_dir", "{tmp}/published/escape", r"publish_dir: .*\(resolved: {tmp}/outside\) is outside"),
