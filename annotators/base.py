@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
-from settings import hashed_view, parse_settings
+from settings import hashed_view, parse_settings, stable_hash
 
 
 # --------------------------------------------------------------------------- data types
@@ -99,6 +99,9 @@ class CaptionInput:
     regions: list[RegionView]
     prompts: dict[str, dict[str, bytes]] = field(default_factory=dict)  # target id -> name -> PNG
     given: dict[str, Any] = field(default_factory=dict)   # what came with the input: {"caption": ...}
+    # target id ("image" or a region id) -> step name -> an earlier output to reuse instead of
+    # asking the model again (``make recaption``; a captioner without steps may ignore it)
+    reuse: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,6 +113,8 @@ class TextOut:
     tags: list[str]
     scores: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    judge: dict[str, Any] | None = None      # a judge step's verdict: {"keep": bool, "reason": str}
+    steps: dict[str, Any] = field(default_factory=dict)   # intermediate step outputs, by step name
 
 
 @dataclass
@@ -199,3 +204,15 @@ class Captioner(Annotator):
     @abstractmethod
     def caption_batch(self, items: list[CaptionInput]) -> list[CaptionResult]:
         """One result per input, same order."""
+
+    def step_hashes(self) -> dict[str, dict[str, str]]:
+        """Per level ("image", "region", "pixel"), each step that writes a target's text → a hash
+        of everything that decides its output. Equal hashes mean an earlier output can be reused
+        (``make recaption``). A captioner without steps has one, ``text``: its name, version and
+        output-changing settings. Part of ``provenance()`` (``steps``)."""
+        digest = stable_hash(self.hash_view())[:12]
+        return {level: {"text": digest} for level in ("image", "region", "pixel")}
+
+    def provenance(self) -> dict[str, Any]:
+        """Name, version, every setting and the step hashes."""
+        return {**super().provenance(), "steps": self.step_hashes()}

@@ -63,6 +63,10 @@ def _region_json(region: RegionView, text: TextOut, ids: _ProvenanceIds) -> dict
         "provenance": {"segmenter": ids.segmenter_of(region.stats.get("source", "")),
                        "captioner": ids.captioner(text.provenance)},
     }
+    if text.judge is not None:
+        out["judge"] = dict(text.judge)
+    if text.steps:
+        out["steps"] = dict(text.steps)
     if region.given:
         out["given"] = dict(region.given)
     return out
@@ -102,6 +106,8 @@ def build_record(item: ImageItem, segmenter: dict[str, Any], pipeline_version: s
         "image": {"width": item.width, "height": item.height, "format": item.format, **item.image_info},
         "image_level": {"caption": image_level.caption, "long_caption": image_level.long_caption,
                         "tags": list(image_level.tags), "provenance": image_provenance,
+                        **({"judge": dict(image_level.judge)} if image_level.judge is not None else {}),
+                        **({"steps": dict(image_level.steps)} if image_level.steps else {}),
                         **({"given": {"caption": item.given_caption}} if item.given_caption else {})},
         "regions": region_json,
         "provenance": {"pipeline_version": pipeline_version, "settings_hash": settings_hash,

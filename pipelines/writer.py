@@ -85,6 +85,12 @@ def image_row(record: dict[str, Any], shard: str) -> dict[str, Any]:
             "captioner_provenance": text["provenance"]}
 
 
+def _flagged(scores: dict[str, float]) -> bool | None:
+    """The consistency filter's flag (``consistency_flag`` score: 1 below the threshold)."""
+    flag = scores.get("consistency_flag")
+    return None if flag is None else bool(flag)
+
+
 def region_rows(record: dict[str, Any], shard: str) -> list[dict[str, Any]]:
     """Rows of index/regions."""
     rows = []
@@ -97,7 +103,11 @@ def region_rows(record: dict[str, Any], shard: str) -> list[dict[str, Any]]:
                      "tags": r["tags"], "scores_json": json.dumps(r["scores"], sort_keys=True),
                      "segmenter_provenance": r["provenance"]["segmenter"],
                      "captioner_provenance": r["provenance"]["captioner"],
-                     "label": r.get("given", {}).get("label")})
+                     "label": r.get("given", {}).get("label"),
+                     "judge_keep": r["judge"]["keep"] if "judge" in r else None,
+                     "judge_reason": r["judge"]["reason"] if "judge" in r else None,
+                     "consistency": r["scores"].get("consistency"),
+                     "consistency_flagged": _flagged(r["scores"])})
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Record schema (version 2) and the index/failure table schemas: the single definition.
+"""Record schema (version 3) and the index/failure table schemas: the single definition.
 
 Everything else (validation, parquet schemas, docs/SCHEMA.md) is generated from this module.
 """
@@ -8,12 +8,21 @@ import pyarrow as pa
 
 from schemas.spec import Column, F
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 KEY_PATTERN = r"^[A-Za-z0-9_-]{1,200}$"
 REGION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 PROVENANCE_ID_PATTERN = r"^[sc]-[0-9a-f]{12}$"
 
 _TAGS = F("array", "Short lowercase tags.", items=F("string", "A tag."))
+_JUDGE = F("object", "A judge step's verdict on this text (e.g. LongGRIT's consistency judge).",
+           required=False, fields={
+               "keep": F("boolean", "Whether the judge found the text consistent with the pixels; "
+                         "false only when the program flags instead of dropping (`on_reject: flag`)."),
+               "reason": F("string", "The judge's short reason."),
+           })
+_STEPS = F("object", "Outputs of the caption program's intermediate steps, by step name (text, or "
+           "JSON for structured steps); what a later step read, kept so `make recaption` can reuse it.",
+           required=False, open=True)
 _PROVENANCE_OPEN = F("object", "Free-form provenance: annotator name, version, model, prompt, settings.",
                      open=True)
 
@@ -44,6 +53,8 @@ REGION = F("object", "One region of the image: a box (level region) or a mask (l
     "caption": F("string", "Short caption of the region."),
     "long_caption": F("string", "Long description of the region."),
     "tags": _TAGS,
+    "judge": _JUDGE,
+    "steps": _STEPS,
     "given": F("object", "What came with the input for this region.", required=False, fields={
         "label": F("string", "Its label or phrase: a manifest's `labels` / `mask_labels` entry, a GRIT "
                    "referring expression, a COCO category name.", required=False),
@@ -87,6 +98,8 @@ RECORD = F("object", "One image with its text at every granularity.", fields={
         "long_caption": F("string", "Long description of the image."),
         "tags": _TAGS,
         "provenance": _provenance_ref("captioner"),
+        "judge": _JUDGE,
+        "steps": _STEPS,
         "given": F("object", "What came with the input for the whole image.", required=False, fields={
             "caption": F("string", "The image caption given with the input (a manifest's `caption`).",
                          required=False),
@@ -145,6 +158,13 @@ REGION_COLUMNS = [
     Column("captioner_provenance", pa.string(), "Id of the captioner provenance."),
     Column("label", pa.string(), "The label or phrase given with the input for this region.",
            nullable=True),
+    Column("judge_keep", pa.bool_(), "A judge step's verdict (false: flagged as inconsistent); null "
+           "without a judge.", nullable=True),
+    Column("judge_reason", pa.string(), "The judge's reason; null without a judge.", nullable=True),
+    Column("consistency", pa.float32(), "Text–region similarity from the consistency filter; null "
+           "without one.", nullable=True),
+    Column("consistency_flagged", pa.bool_(), "Below the consistency threshold and kept "
+           "(`consistency.action: flag`); null without a threshold.", nullable=True),
 ]
 
 FAILURE_COLUMNS = [

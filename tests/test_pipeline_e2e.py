@@ -95,7 +95,7 @@ def test_outputs_load_everywhere_and_masks_match(tmp_path: Path, fast_config: di
     ds = load_dataset("webdataset", data_files={"train": str(out / "shards" / "*.tar")}, split="train",
                       cache_dir=str(tmp_path / "hf"))
     assert len(ds) == 6 and {"png", "json"} <= set(ds.column_names)
-    assert ds[0]["json"]["schema_version"] == "2"
+    assert ds[0]["json"]["schema_version"] == "3"
     images = pq.read_table(out / "index" / "images")
     assert images.num_rows == 6 and manifest["counts"]["regions_by_level"]["pixel"] == n_masks
 

@@ -24,7 +24,7 @@ def _record() -> dict:
               "mask": rle, "scores": {}, "caption": "c", "long_caption": "lc", "tags": ["t"],
               "provenance": {"segmenter": SEG, "captioner": CAP}}
     box = dict(region, id="r1", level="region", parent=None, mask=None)
-    return {"schema_version": "2", "key": "img_1", "source": {"uri": "x.png", "sha256": "a" * 64},
+    return {"schema_version": "3", "key": "img_1", "source": {"uri": "x.png", "sha256": "a" * 64},
             "image": {"width": 30, "height": 20, "format": "png"},
             "image_level": {"caption": "c", "long_caption": "lc", "tags": [], "provenance": CAP},
             "regions": [box, region], "provenance": {"pipeline_version": "0", "settings_hash": "h",
@@ -52,7 +52,7 @@ def test_valid_record_passes() -> None:
     (lambda r: r["regions"][1].__setitem__("mask", None), "regions[1].mask: a pixel-level region needs a mask"),
     (lambda r: r["regions"][0].__setitem__("bbox", [25.0, 0.0, 10.0, 5.0]), "regions[0].bbox: [25.0, 0.0, 10.0, 5.0] is outside"),
     (lambda r: r["image"].__setitem__("extra", 1), "image: Additional properties are not allowed"),
-    (lambda r: r.__setitem__("schema_version", "1"), "schema_version: '2' was expected"),
+    (lambda r: r.__setitem__("schema_version", "2"), "schema_version: '3' was expected"),
     (lambda r: r["regions"][1]["provenance"].__setitem__("segmenter", {"name": "given"}),
      "regions[1].provenance.segmenter: {'name': 'given'} is not of type 'string'"),
     (lambda r: r["regions"][1]["provenance"].__setitem__("captioner", "c-000000000000"),
@@ -76,7 +76,7 @@ def test_errors_name_the_field(mutate, path) -> None:
 
 def test_parquet_schemas_come_from_the_definition() -> None:
     for schema in (IMAGES_SCHEMA, REGIONS_SCHEMA, FAILURES_SCHEMA):
-        assert schema.metadata[b"schema_version"] == SCHEMA_VERSION.encode() == b"2"
+        assert schema.metadata[b"schema_version"] == SCHEMA_VERSION.encode() == b"3"
         assert all(f.metadata and f.metadata[b"doc"] for f in schema)
     assert {"key", "stage", "reason", "detail", "source"} <= set(FAILURES_SCHEMA.names)
     assert RECORD_JSON_SCHEMA["properties"]["regions"]["items"]["properties"]["level"]["enum"] == ["region", "pixel"]

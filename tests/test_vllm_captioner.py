@@ -156,6 +156,106 @@ def test_judge_rejection_detail(server: FaultServer) -> None:
                                                                    "wrong colour")
 
 
+def _program_copy(tmp_path: Path, name: str, edit: Any) -> str:
+    """A copy of program ``name`` changed by ``edit(data)``, as a path."""
+    data = yaml.safe_load(Path(load_program(name).source).read_text())
+    edit(data)
+    path = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _region_step(data: dict[str, Any], level: str, name: str) -> dict[str, Any]:
+    return next(s for s in data["steps"][level] if s["name"] == name)
+
+
+def test_judge_verdicts_are_kept_and_flagged_targets_stay(server: FaultServer, tmp_path: Path) -> None:
+    """Every judged text carries its verdict and reason, and the intermediate steps' outputs; with
+    on_reject: flag a rejected region stays, marked, and runs its later steps."""
+    cap = captioner(server.base_url, "longgrit")
+    result = run(cap, [make_item("judge", cap.prompt_specs())])[0]
+    for text in result.regions.values():
+        assert text.judge == {"keep": True, "reason": "consistent"}
+        assert text.scores["judge_keep"] == 1.0
+        assert set(text.steps) == {"context"} and text.steps["context"]
+    assert result.image_level.judge is None and result.image_level.steps == {}
+
+    def flag(data: dict[str, Any]) -> None:
+        _region_step(data, "pixel", "judge")["on_reject"] = "flag"
+    flagged = captioner(server.base_url, _program_copy(tmp_path, "longgrit", flag))
+    result = run(flagged, [make_item("judge", flagged.prompt_specs())])[0]
+    assert result.failures == [] and set(result.regions) == {"r0", "p0", "p1"}
+    p1 = result.regions["p1"]
+    assert p1.judge == {"keep": False, "reason": "wrong colour"} and p1.scores["judge_keep"] == 0.0
+    assert p1.long_caption and p1.tags and p1.steps["context"]
+
+    def bad(data: dict[str, Any]) -> None:
+        _region_step(data, "pixel", "caption")["on_reject"] = "flag"
+    with pytest.raises(ConfigError, match="on_reject: only a 'judge' step"):
+        captioner(server.base_url, _program_copy(tmp_path, "longgrit", bad))
+
+
+def test_step_hashes_follow_what_each_step_reads(server: FaultServer, tmp_path: Path) -> None:
+    """A changed prompt changes its step's hash and those of the steps that read it, nothing else;
+    run settings (timeouts, endpoints) change none; the model changes all."""
+    base = captioner(server.base_url, "longgrit").step_hashes()
+
+    def context(data: dict[str, Any]) -> None:
+        _region_step(data, "region", "context")["prompt"] += " Be brief."
+    changed = captioner(server.base_url, _program_copy(tmp_path, "longgrit", context)).step_hashes()
+    differs = {level: sorted(s for s in base[level] if base[level][s] != changed[level][s])
+               for level in base}
+    # longgrit's region and pixel levels share one list of steps (a YAML anchor)
+    assert differs == {"image": [], "region": ["context", "long_caption", "tags"],
+                       "pixel": ["context", "long_caption", "tags"]}
+    run_only = captioner("http://127.0.0.1:9/v1", "longgrit",
+                         client={"timeout_s": 99.0, "max_retries": 7}).step_hashes()
+    assert run_only == base
+    other_model = captioner(server.base_url, "longgrit", model="other-vlm").step_hashes()
+    assert all(other_model[lv][s] != base[lv][s] for lv in base for s in base[lv])
+    assert cap_provenance_steps(server) == base
+
+
+def cap_provenance_steps(server: FaultServer) -> dict[str, Any]:
+    return captioner(server.base_url, "longgrit").provenance()["steps"]
+
+
+def test_reused_steps_send_no_request(server: FaultServer, tmp_path: Path) -> None:
+    """Outputs given in CaptionInput.reuse are kept as they are and not asked again; only the
+    steps left out are sent."""
+    cap = captioner(server.base_url, "longgrit")
+    first = run(cap, [make_item("reuse", cap.prompt_specs())])[0]
+
+    def outputs(text: Any) -> dict[str, Any]:
+        out = {"caption": text.caption, "long_caption": text.long_caption, "tags": text.tags,
+               **text.steps}
+        if text.judge is not None:
+            out["judge"] = text.judge
+        return out
+    targets = {"image": first.image_level, **first.regions}
+    item = make_item("reuse", cap.prompt_specs())
+    item.reuse = {t: outputs(text) for t, text in targets.items()}
+    before = len(server.requests)
+    again = run(cap, [item])[0]
+    # only p1, rejected by the judge the first time, has nothing to reuse: caption + judge again
+    assert len(server.requests) == before + 2
+    assert [(f.reason, f.region_id) for f in again.failures] == [("judge_rejected", "p1")]
+    assert {t: outputs(x) for t, x in {"image": again.image_level, **again.regions}.items()} == \
+        {t: outputs(x) for t, x in targets.items()}
+    # everything but the tags reused: one request per target with a tags step
+    item.reuse = {t: {k: v for k, v in outputs(text).items() if k != "tags"} for t, text in targets.items()}
+    item.reuse["image"] = {}
+    before = len(server.requests)
+    partial = run(cap, [item])[0]
+    sent = [r.body for r in server.requests[before:]]
+    steps = load_program("longgrit").steps
+    assert len(sent) == len(steps["image"]) + len(first.regions) + 2
+    region_tags = [b for b in sent if "short lowercase tags (object, colour" in json.dumps(b)]
+    assert len(region_tags) == len(first.regions)
+    for region_id, text in partial.regions.items():
+        assert text.long_caption == first.regions[region_id].long_caption and text.tags
+
+
 def test_named_client_per_step(server: FaultServer, tmp_path: Path) -> None:
     data = yaml.safe_load(Path(load_program("umg").source).read_text())
     data["steps"]["image"][2]["client"] = "tagger"

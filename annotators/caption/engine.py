@@ -13,6 +13,10 @@ prompt is drawn directly at that size and encoded (``prompt_format`` / ``prompt_
 however many steps send it. Backends send these ``Encoded`` bytes as they are. So the pipeline
 renders nothing for a program captioner (``prompt_specs()`` is empty).
 
+Reuse (``make recaption``): ``CaptionInput.reuse`` gives, per target, earlier outputs of steps
+whose hash (``step_hashes``: the step, its client's output-changing settings, its visual prompts
+and the hashes of the steps it reads) is unchanged; those steps send no request.
+
 Cost: every request's ``cost`` (filled in by its backend: calls, tokens, bytes) is summed per
 image into ``CaptionResult.cost``, so the pipeline can account for it per image and shard.
 
@@ -24,6 +28,7 @@ parsed settings (its image settings decide how images are prepared).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 from abc import abstractmethod
@@ -52,13 +57,16 @@ from annotators.caption.backends.base import (
 from annotators.caption.backends.images import ImageOptions
 from annotators.caption.program import (
     DEFAULT_CLIENT,
+    SPECIAL_STEPS,
     WHOLE_IMAGE,
     Program,
     Step,
     load_program,
     prompt_clients,
     resolved_visual_prompts,
+    step_inputs,
 )
+from settings import hashed_view, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +82,7 @@ class _Target:
     fields: dict[str, Any]
     outputs: dict[str, Any] = field(default_factory=dict)
     failure: AnnotatorFailure | None = None
+    reuse: dict[str, Any] = field(default_factory=dict)   # step name -> an earlier output
 
 
 class BatchImages:
@@ -218,6 +227,33 @@ class ProgramCaptioner(Captioner):
     def build_provenance(self) -> dict[str, Any]:
         """Name, version, model(s), ``program_provenance()``, the clients' settings."""
 
+    def step_context(self, client: str) -> dict[str, Any]:
+        """What besides the program decides the answers of a step sent to ``client``: this
+        captioner's name and version and the client's output-changing settings (model,
+        generation and image settings; not endpoints, timeouts or retries)."""
+        return {"name": self.name, "version": self.version,
+                "client": hashed_view(self.client_settings(client))}
+
+    def step_hashes(self) -> dict[str, dict[str, str]]:
+        """Per level, each step → a hash of the step as written, the system prompt it gets, its
+        client's ``step_context``, the visual prompts it sends (renderer version and parameters
+        included) and the hashes of the earlier steps whose outputs its prompt reads. Equal
+        hash, equal request: an earlier answer can be reused."""
+        prompts = resolved_visual_prompts(self.program)
+        out: dict[str, dict[str, str]] = {}
+        for level, steps in self.program.steps.items():
+            specs = {spec["name"]: spec for spec in prompts[level]}
+            hashes: dict[str, str] = {}
+            for step in steps:
+                system = step.system if step.system is not None else self.program.system
+                view = {"step": dataclasses.asdict(step), "system": system,
+                        "context": self.step_context(step.client),
+                        "images": [specs.get(name, name) for name in step.images],
+                        "reads": {name: hashes[name] for name in step_inputs(step, hashes)}}
+                hashes[step.name] = stable_hash(view)[:12]
+            out[level] = hashes
+        return out
+
     def program_provenance(self) -> dict[str, Any]:
         """The program's id, version, hash and resolved visual prompts, for provenance.
 
@@ -233,7 +269,7 @@ class ProgramCaptioner(Captioner):
                     vp.has_alpha(spec["kind"])) for client in users[level].get(spec["name"], [])}
         return {"prompt_id": f"{p.id}@{p.version}", "prompt_hash": p.hash,
                 "program": {"id": p.id, "version": p.version, "hash": p.hash},
-                "visual_prompts": prompts}
+                "visual_prompts": prompts, "steps": self.step_hashes()}
 
     # ------------------------------------------------------------ work
 
@@ -251,8 +287,10 @@ class ProgramCaptioner(Captioner):
     def _targets(self, items: list[CaptionInput]) -> list[list[_Target]]:
         out = []
         for i, item in enumerate(items):
-            row = [_Target(i, WHOLE_IMAGE, "image", None, target_fields(item, None))]
-            row += [_Target(i, r.id, r.level, r, target_fields(item, r)) for r in item.regions]
+            row = [_Target(i, WHOLE_IMAGE, "image", None, target_fields(item, None),
+                           reuse=dict(item.reuse.get(WHOLE_IMAGE, {})))]
+            row += [_Target(i, r.id, r.level, r, target_fields(item, r),
+                            reuse=dict(item.reuse.get(r.id, {}))) for r in item.regions]
             out.append(row)
         return out
 
@@ -269,6 +307,9 @@ class ProgramCaptioner(Captioner):
                 if target.failure is not None or index >= len(steps):
                     continue
                 step = steps[index]
+                if step.name in target.reuse:
+                    self._keep(target, step, target.reuse[step.name])
+                    continue
                 request = self._request(images, target, step)
                 if isinstance(request, AnnotatorFailure):
                     target.failure = request
@@ -329,17 +370,27 @@ class ProgramCaptioner(Captioner):
                 texts[name] = json.dumps(value)
         return texts
 
-    @staticmethod
-    def _apply(target: _Target, step: Step, answer: ChatResult) -> None:
-        region_id = None if target.region is None else target.id
+    @classmethod
+    def _apply(cls, target: _Target, step: Step, answer: ChatResult) -> None:
         if isinstance(answer, AnnotatorFailure):
+            region_id = None if target.region is None else target.id
             detail = f"step {step.name}: {answer.detail}"[:1000]
             target.failure = AnnotatorFailure(answer.reason, detail, region_id)
             return
         value: Any = answer.parsed if step.json_schema is not None else answer.text.strip()
         if step.name == "tags":
             value = clean_tags(value)
-        if step.name == "judge" and isinstance(value, dict) and value.get("keep") is False:
+        if step.name == "judge" and isinstance(value, dict):
+            value = {"keep": bool(value.get("keep")), "reason": str(value.get("reason", ""))[:500]}
+        cls._keep(target, step, value)
+
+    @staticmethod
+    def _keep(target: _Target, step: Step, value: Any) -> None:
+        """``value`` as the target's output of ``step``; a judge's keep=false drops the target
+        (``on_reject: drop``) or keeps it with its verdict (``flag``)."""
+        if step.name == "judge" and isinstance(value, dict) and value.get("keep") is False \
+                and step.on_reject == "drop":
+            region_id = None if target.region is None else target.id
             target.failure = AnnotatorFailure("judge_rejected", str(value.get("reason", ""))[:500],
                                               region_id)
             return
@@ -364,7 +415,10 @@ class ProgramCaptioner(Captioner):
         out = target.outputs
         caption = str(out.get("caption", "")).strip()
         long_caption = str(out.get("long_caption") or caption).strip()
-        scores = {}
-        if isinstance(out.get("judge"), dict):
-            scores["judge_keep"] = 1.0
-        return TextOut(caption, long_caption, list(out.get("tags", [])), scores, provenance)
+        scores: dict[str, float] = {}
+        judge = out.get("judge")
+        if isinstance(judge, dict):
+            scores["judge_keep"] = 1.0 if judge.get("keep") else 0.0
+        steps = {name: value for name, value in out.items() if name not in SPECIAL_STEPS}
+        return TextOut(caption, long_caption, list(out.get("tags", [])), scores, provenance,
+                       judge if isinstance(judge, dict) else None, steps)

@@ -28,7 +28,7 @@ class NoCaptioner(Captioner):
         return super().provenance() | {"captioned": False}
 
     def caption_batch(self, items: list[CaptionInput]) -> list[CaptionResult]:
-        provenance = {"name": self.name, "version": self.version, "captioned": False}
+        provenance = self.provenance()
         results = []
         for item in items:
             empty = TextOut("", "", [], provenance=provenance)

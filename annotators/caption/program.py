@@ -17,8 +17,10 @@ A program is data (YAML in ``annotators/caption/programs/<name>.yaml``, or any p
 
 Step names with a meaning: ``caption``, ``long_caption`` (defaults to the caption), ``tags``
 (JSON ``{"tags": [...]}``: lowercased, stripped, deduplicated) and ``judge`` (JSON ``{"keep":
-bool, "reason": str}``; keep=false drops the target with reason ``judge_rejected``). Other steps
-are intermediate; later templates use their text. ``annotators.caption.engine`` runs programs.
+bool, "reason": str}``, kept in the record as the target's verdict; with ``on_reject: drop``, the
+default, keep=false drops the target with reason ``judge_rejected``, with ``on_reject: flag`` it
+stays, marked). Other steps are intermediate: later templates use their text, and the record keeps
+them under ``steps``. ``annotators.caption.engine`` runs programs.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ TARGET_FIELDS: tuple[str, ...] = ("width", "height", "level", "bbox", "bbox_xyxy
                                   "area_pct", "size", "position", "label", "given_caption")
 _PROGRAM_KEYS = ("id", "version", "system", "description", "visual_prompts", "steps", "schemas")
 _STEP_KEYS = ("name", "prompt", "images", "json_schema", "client", "max_tokens", "temperature",
-              "system")
+              "system", "on_reject")
+ON_REJECT = ("drop", "flag")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Step:
     max_tokens: int | None = None
     temperature: float | None = None
     system: str | None = None
+    on_reject: str = "drop"       # judge steps: what keep=false does ("drop" | "flag")
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,8 @@ def _parse_steps(raw: Any, level: str, prompts: list[dict[str, Any]],
             raise ConfigError(f"{here}.images: unknown image(s) {bad}; use {sorted(image_names)}")
         if step.name in ("tags", "judge") and step.json_schema is None:
             raise ConfigError(f"{here}: a '{step.name}' step needs a json_schema")
+        if step.on_reject != "drop" and step.name != "judge":
+            raise ConfigError(f"{here}.on_reject: only a 'judge' step has one")
         steps.append(step)
         known.add(step.name)
     if "caption" not in known:
@@ -219,9 +225,18 @@ def _parse_step(item: Any, where: str) -> Step:
     schema = item.get("json_schema")
     if schema is not None and not isinstance(schema, dict):
         raise ConfigError(f"{where}.json_schema: a JSON Schema object")
+    on_reject = item.get("on_reject", "drop")
+    if on_reject not in ON_REJECT:
+        raise ConfigError(f"{where}.on_reject: {on_reject!r} is not one of {list(ON_REJECT)}")
     return Step(item["name"], item["prompt"], tuple(ordered), schema,
                 str(item.get("client") or DEFAULT_CLIENT), item.get("max_tokens"),
-                item.get("temperature"), item.get("system"))
+                item.get("temperature"), item.get("system"), on_reject)
+
+
+def step_inputs(step: Step, earlier: Iterable[str]) -> list[str]:
+    """The earlier steps whose outputs ``step``'s prompt reads, sorted."""
+    fields = _template_fields(step.prompt, step.name)
+    return sorted(fields & set(earlier))
 
 
 def _template_fields(template: str, where: str) -> set[str]:

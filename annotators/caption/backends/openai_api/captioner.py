@@ -137,6 +137,17 @@ class VllmCaptioner(ProgramCaptioner):
         if server is not None:
             managed_server.release(server)
 
+    def step_context(self, client: str) -> dict[str, Any]:
+        """The ``ProgramCaptioner`` context, credentials left out, plus the managed server's
+        command (which model answers) for the clients that talk to it."""
+        context = super().step_context(client)
+        context["client"] = scrub_secrets(context["client"])
+        if self.settings.server is not None and \
+                self.settings.client_values(client, MANAGED_URL)["endpoints"] == [MANAGED_URL]:
+            context["server"] = hashed_view(
+                parse_settings(managed_server.ServerSettings, self.settings.server, "server"))
+        return context
+
     def build_provenance(self) -> dict[str, Any]:
         """Name, version, model, program id/version/hash, visual prompts, client settings.
 
