@@ -20,6 +20,7 @@ help:
 	@echo "make build-dataset [INPUT=dir|glob|manifest|tars|samples|synthetic://N] [OUTPUT=dir] [CONFIG=yaml] [ARGS='beam flags']"
 	@echo "make validate OUTPUT=dir     check a built dataset against the schema"
 	@echo "make eval-annotators [CONFIG=yaml] [N=200] [HARD=1]  score the annotators on synthetic scenes"
+	@echo "make recaption FROM=dataset CONFIG=yaml OUTPUT=dir [RETRY=permanent]  recompute only what new settings change"
 	@echo "make test                    the test suite (what CI runs)"
 
 $(VENV)/.stamp-%: setup.py constraints.txt
@@ -110,3 +111,11 @@ EVAL_N = $(if $(filter command line environment,$(origin N)),$(N),200)
 .PHONY: eval-annotators
 eval-annotators: $(BUILD_STAMP) $(BUILD_SERVER)
 	$(PY) -m pipelines.eval_annotators $(if $(CONFIG),--config '$(CONFIG)') --n $(EVAL_N) $(if $(HARD),--hard) $(ARGS)
+
+# Re-caption / re-segment an existing dataset with new settings: only what they change is asked
+# again, the rest is carried over byte for byte (README, "Re-captioning"). RETRY=permanent also
+# asks again the regions FROM lost to permanent failures. Report: OUTPUT/recaption_report.json.
+.PHONY: recaption
+recaption: $(BUILD_STAMP) $(BUILD_SERVER)
+	@test -n "$(FROM)" || { echo "usage: make recaption FROM=<dataset> CONFIG=<new settings> OUTPUT=<new dataset>"; exit 2; }
+	$(PY) -m pipelines.recaption --from '$(FROM)' --output '$(OUTPUT)' $(if $(CONFIG),--config '$(CONFIG)') $(if $(RETRY),--retry-failed $(RETRY)) $(ARGS)

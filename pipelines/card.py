@@ -3,21 +3,25 @@
 The card follows the Hugging Face dataset-card format: a YAML header (license placeholder, task
 categories, size category, ``configs`` whose ``data_files`` let ``load_dataset(<folder>)`` read
 the shards and the index tables), then what the dataset is, how it was built, counts per level,
-text statistics with plots (``plots/*.png``), failures by class, what it cost (per image and per
-region, and extrapolated to 1M and 10M images: ``pipelines.cost``), the schema and loading
-snippets that run as written from the dataset folder (a test runs them).
+text statistics with plots (``plots/*.png``), the judge's verdicts and the consistency scores
+(when the dataset has any), failures by class, what it cost (per image and per region, and
+extrapolated to 1M and 10M images: ``pipelines.cost``), the schema and loading snippets that run
+as written from the dataset folder (a test runs them).
 
 Entry points:
 
-* ``dataset_stats(out)``: caption-length distributions, regions per image, top tags and
-  failures by class/stage/reason, read column by column from ``index/`` and ``failures/`` (one
-  parquet file at a time, in record batches: memory does not grow with the dataset);
+* ``dataset_stats(out)``: caption-length distributions, regions per image, top tags, failures
+  by class/stage/reason and ``verdicts`` (``Verdicts``: regions judged, kept, flagged, dropped and
+  the most common reasons; consistency quantiles, flagged, dropped), read column by column from
+  ``index/`` and ``failures/`` (one parquet file at a time, in record batches: memory does not
+  grow with the dataset);
 * ``render(manifest)``: the Markdown card; uses ``manifest["stats"]`` when present;
 * ``write(out, manifest)``: stats (unless the manifest has them), plots, ``wids-index.json``
   and README.md.
 """
 from __future__ import annotations
 
+import html
 import io
 import json
 import re
@@ -36,6 +40,10 @@ TOP_TAGS = 20
 HIST_BINS = 20
 MAX_DISTINCT_TAGS = 1_000_000    # past this the tag counts are pruned to the most frequent
 KEEP_AFTER_PRUNE = 100_000
+TOP_REASONS = 5          # judge reasons shown per kind (drops, flags)
+MAX_REASON_CHARS = 100   # a reason is cut to this many characters, counted and shown
+JUDGE_REJECTED, INCONSISTENT = "judge_rejected", "inconsistent_text"   # failure reasons
+SCORE_STEPS = 1000       # consistency scores are counted in steps of 1/1000 (quantiles to 3 decimals)
 PLOTS = {"caption_lengths": "plots/caption_lengths.png", "regions_per_image": "plots/regions_per_image.png",
          "top_tags": "plots/top_tags.png"}
 WIDS_INDEX = "wids-index.json"
@@ -56,14 +64,17 @@ def _parquet_files(out: str, folder: str) -> list[str]:
 
 
 def _batches(path: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """Record batches of ``columns`` of one parquet file (a local path, or any Beam filesystem
-    path: then the one file is read into memory)."""
+    """Record batches of those of ``columns`` that one parquet file has (a local path, or any
+    Beam filesystem path: then the one file is read into memory). Files written before a column
+    existed (``judge_keep``, ``consistency``, ...) give batches without it."""
     if "://" in path:
         with FileSystems.open(path) as handle:
             source: Any = io.BytesIO(handle.read())
     else:
         source = path
-    yield from pq.ParquetFile(source).iter_batches(batch_size=65_536, columns=columns)
+    file = pq.ParquetFile(source)
+    present = [c for c in columns if c in file.schema_arrow.names]
+    yield from file.iter_batches(batch_size=65_536, columns=present)
 
 
 def _count_values(counter: Counter, array: pa.Array) -> None:
@@ -73,12 +84,34 @@ def _count_values(counter: Counter, array: pa.Array) -> None:
                 counter[item["values"]] += item["counts"]
 
 
-def _count_tags(counter: Counter, tags: pa.Array) -> None:
-    _count_values(counter, pc.list_flatten(tags))
+def _prune(counter: Counter) -> None:
+    """Past ``MAX_DISTINCT_TAGS`` distinct values keep the ``KEEP_AFTER_PRUNE`` most frequent."""
     if len(counter) > MAX_DISTINCT_TAGS:
         kept = counter.most_common(KEEP_AFTER_PRUNE)
         counter.clear()
         counter.update(dict(kept))
+
+
+def _count_tags(counter: Counter, tags: pa.Array) -> None:
+    _count_values(counter, pc.list_flatten(tags))
+    _prune(counter)
+
+
+def short_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """A judge's reason as one line of at most ``limit`` characters: whitespace (newlines
+    included) collapsed, control characters dropped; reasons that agree that far count as one."""
+    line = " ".join("".join(ch for ch in str(text) if ch.isprintable() or ch.isspace()).split())
+    return line if len(line) <= limit else line[:limit - 1].rstrip() + "…"
+
+
+def _quantiles(counts: Counter, wanted: list[tuple[float, str]]) -> dict[str, Any]:
+    """The smallest value with at least q of the total at or below it, for each (q, name)."""
+    total, seen, out, wanted = sum(counts.values()), 0, {}, list(wanted)
+    for value in sorted(counts):
+        seen += counts[value]
+        while wanted and seen >= wanted[0][0] * total:
+            out[wanted.pop(0)[1]] = value
+    return out
 
 
 def distribution(lengths: Counter, bins: int = HIST_BINS) -> dict[str, Any]:
@@ -87,11 +120,7 @@ def distribution(lengths: Counter, bins: int = HIST_BINS) -> dict[str, Any]:
     if not total:
         return {"count": 0}
     values = sorted(lengths)
-    quantiles, seen, wanted = {}, 0, [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")]
-    for value in values:
-        seen += lengths[value]
-        while wanted and seen >= wanted[0][0] * total:
-            quantiles[wanted.pop(0)[1]] = value
+    quantiles = _quantiles(lengths, [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")])
     low, high = values[0], values[-1]
     width = max(1, -(-(high - low + 1) // bins))
     counts = [0] * (-(-(high - low + 1) // width))
@@ -100,6 +129,76 @@ def distribution(lengths: Counter, bins: int = HIST_BINS) -> dict[str, Any]:
     return {"count": total, "mean": round(sum(v * n for v, n in lengths.items()) / total, 1),
             "min": low, **quantiles, "max": high,
             "bin_edges": [low + i * width for i in range(len(counts) + 1)], "bin_counts": counts}
+
+
+def _ranked(counter: Counter, top: int) -> list[list[Any]]:
+    return [[value, n] for value, n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+
+
+class Verdicts:
+    """Judge verdicts and consistency scores of a dataset, counted a record batch at a time:
+    regions in the records (kept or flagged) from ``index/regions``, regions dropped
+    (``judge_rejected``, ``inconsistent_text``) from ``failures/``. Index files without the
+    columns (datasets built before them) add nothing."""
+
+    REGION_COLUMNS = ["judge_keep", "judge_reason", "consistency", "consistency_flagged"]
+
+    def __init__(self) -> None:
+        self.judge_keep: Counter = Counter()            # True / False
+        self.consistency_flagged: Counter = Counter()   # True / False
+        self.scores: Counter = Counter()                # consistency, in 1/SCORE_STEPS
+        self.flag_reasons: Counter = Counter()
+        self.drop_reasons: Counter = Counter()
+        self.dropped: Counter = Counter()               # (failure reason, "region" | "input")
+
+    def add_regions(self, batch: pa.RecordBatch) -> None:
+        """Count a batch of ``index/regions`` rows (any of ``REGION_COLUMNS`` may be missing)."""
+        names = batch.schema.names
+        if "judge_keep" in names:
+            keep = batch.column("judge_keep")
+            _count_values(self.judge_keep, keep)
+            if "judge_reason" in names:
+                reasons = batch.filter(pc.equal(keep, False)).column("judge_reason").to_pylist()
+                self.flag_reasons.update(short_reason(r) for r in reasons if r is not None)
+                _prune(self.flag_reasons)
+        if "consistency" in names:
+            scores = pc.drop_null(batch.column("consistency"))
+            scores = scores.filter(pc.is_finite(scores))
+            _count_values(self.scores, pc.cast(pc.round(pc.multiply(scores, SCORE_STEPS)), pa.int64()))
+        if "consistency_flagged" in names:
+            _count_values(self.consistency_flagged, batch.column("consistency_flagged"))
+
+    def add_failures(self, batch: pa.RecordBatch) -> None:
+        """Count a batch of ``failures`` rows: drops by the judge (with their reasons, the rows'
+        ``detail``) and by the consistency filter."""
+        for name in (JUDGE_REJECTED, INCONSISTENT):
+            rows = batch.filter(pc.equal(batch.column("reason"), name))
+            on_region = pc.is_valid(rows.column("region_id"))
+            regions = pc.sum(on_region).as_py() or 0
+            self.dropped[name, "region"] += regions
+            self.dropped[name, "input"] += rows.num_rows - regions
+            if name == JUDGE_REJECTED and regions:
+                self.drop_reasons.update(short_reason(d) for d in rows.filter(on_region).column("detail")
+                                         .to_pylist())
+                _prune(self.drop_reasons)
+
+    def summary(self, top: int = TOP_REASONS) -> dict[str, Any]:
+        """Counts, the ``top`` reasons of drops and of flags, and consistency quantiles."""
+        kept, flagged = self.judge_keep[True], self.judge_keep[False]
+        dropped = self.dropped[JUDGE_REJECTED, "region"]
+        judged = kept + flagged + dropped
+        quantiles = _quantiles(self.scores, [(0.1, "p10"), (0.5, "p50"), (0.9, "p90")])
+        return {
+            "judge": {"judged": judged, "kept": kept, "flagged": flagged, "dropped": dropped,
+                      "images_dropped": self.dropped[JUDGE_REJECTED, "input"],
+                      "drop_reasons": _ranked(self.drop_reasons, top),
+                      "flag_reasons": _ranked(self.flag_reasons, top)},
+            "consistency": {"scored": sum(self.scores.values()),
+                            **{name: step / SCORE_STEPS for name, step in quantiles.items()},
+                            "flagged": self.consistency_flagged[True],
+                            "dropped": self.dropped[INCONSISTENT, "region"],
+                            "images_dropped": self.dropped[INCONSISTENT, "input"]},
+        }
 
 
 def dataset_stats(out: str, top: int = TOP_TAGS) -> dict[str, Any]:
@@ -112,6 +211,7 @@ def dataset_stats(out: str, top: int = TOP_TAGS) -> dict[str, Any]:
     per_image = {"region": Counter(), "pixel": Counter()}
     tags = {level: Counter() for level in LEVELS}
     images = regions = 0
+    verdicts = Verdicts()
     for path in _parquet_files(out, "index/images"):
         for batch in _batches(path, ["caption_chars", "long_caption_chars", "n_regions", "n_pixel", "tags"]):
             images += batch.num_rows
@@ -121,8 +221,10 @@ def dataset_stats(out: str, top: int = TOP_TAGS) -> dict[str, Any]:
             _count_values(per_image["pixel"], batch.column("n_pixel"))
             _count_tags(tags["image"], batch.column("tags"))
     for path in _parquet_files(out, "index/regions"):
-        for batch in _batches(path, ["level", "caption_chars", "long_caption_chars", "tags"]):
+        for batch in _batches(path, ["level", "caption_chars", "long_caption_chars", "tags",
+                                     *Verdicts.REGION_COLUMNS]):
             regions += batch.num_rows
+            verdicts.add_regions(batch)
             for level in ("region", "pixel"):
                 rows = batch.filter(pc.equal(batch.column("level"), level))
                 _count_values(lengths[level, "caption"], rows.column("caption_chars"))
@@ -130,7 +232,8 @@ def dataset_stats(out: str, top: int = TOP_TAGS) -> dict[str, Any]:
                 _count_tags(tags[level], rows.column("tags"))
     failures: Counter = Counter()
     for path in _parquet_files(out, "failures"):
-        for batch in _batches(path, ["class", "stage", "reason", "region_id"]):
+        for batch in _batches(path, ["class", "stage", "reason", "region_id", "detail"]):
+            verdicts.add_failures(batch)
             rows = zip(*(batch.column(c).to_pylist() for c in ("class", "stage", "reason", "region_id")))
             failures.update((cls, stage, reason, "region" if rid is not None else "input")
                             for cls, stage, reason, rid in rows)
@@ -145,6 +248,7 @@ def dataset_stats(out: str, top: int = TOP_TAGS) -> dict[str, Any]:
         "failures": [{"class": cls, "stage": stage, "reason": reason, "what": what, "count": n}
                      for (cls, stage, reason, what), n in sorted(failures.items(),
                                                                  key=lambda kv: (kv[0][0], -kv[1], kv[0]))],
+        "verdicts": verdicts.summary(),
     }
 
 
@@ -332,6 +436,73 @@ def _text_lines(stats: dict[str, Any]) -> list[str]:
         top = ", ".join(f"{tag} ({n})".replace("|", "\\|") for tag, n in stats["top_tags"][level][:10]) or "—"
         lines.append(f"| {level} | {stats['distinct_tags'][level]} | {top} |")
     return lines + ["", f"![top tags]({PLOTS['top_tags']})"]
+
+
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_\[\]|~$])")
+
+
+def markdown_cell(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """Model text as the content of one Markdown table cell: one line, at most ``limit``
+    characters, HTML escaped (``<script>`` shows as text) and the punctuation Markdown reads
+    (``|`` ends a cell, ``*``, ``_``, ``[``, `` ` ``, ...) backslash-escaped."""
+    line = short_reason(text, limit) or "(no reason)"
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", html.escape(line, quote=False))
+
+
+def _judge_lines(judge: dict[str, Any]) -> list[str]:
+    judged = judge["judged"]
+    rejected = judge["flagged"] + judge["dropped"]
+    lines = ["The caption program's judge step checks each text against the pixels. A region it "
+             "rejects is *dropped* (not in the record: a failure row with reason `judge_rejected`, "
+             "the judge's reason in `detail`) or, with `on_reject: flag`, *flagged* (in the record "
+             "with `judge.keep` false; `judge_keep` false in `index/regions`).", "",
+             "| judge | regions |", "|---|---|",
+             f"| judged | {judged} |", f"| kept | {judge['kept']} |",
+             f"| flagged (in the records) | {judge['flagged']} |",
+             f"| dropped (failure rows) | {judge['dropped']} |",
+             f"| rejected (flagged + dropped) | {rejected}"
+             + (f" ({rejected / judged:.1%})" if judged else "") + " |"]
+    if judge["images_dropped"]:
+        lines += ["", f"Images dropped because the judge rejected their image-level text: "
+                  f"{judge['images_dropped']}."]
+    reasons = [("dropped", r, n) for r, n in judge["drop_reasons"]] + \
+              [("flagged", r, n) for r, n in judge["flag_reasons"]]
+    if reasons:
+        lines += ["", f"Most common reasons (up to {TOP_REASONS} each, cut to {MAX_REASON_CHARS} "
+                  "characters):", "", "| verdict | reason | regions |", "|---|---|---|"]
+        lines += [f"| {verdict} | {markdown_cell(r)} | {n} |" for verdict, r, n in reasons]
+    return lines
+
+
+def _consistency_lines(c: dict[str, Any]) -> list[str]:
+    scores = " / ".join(f"{c[q]:.3f}" for q in ("p10", "p50", "p90")) if c["scored"] else "—"
+    lines = ["The consistency filter scores each region's text against its pixels (cosine "
+             "similarity: `scores.consistency`, column `consistency`); below its threshold a "
+             "region is flagged (`consistency_flagged`) or dropped (failure rows with reason "
+             "`inconsistent_text`). The quantiles are of the regions in the records.", "",
+             "| consistency | regions |", "|---|---|",
+             f"| scored (in the records) | {c['scored']} |",
+             f"| score p10 / p50 / p90 | {scores} |",
+             f"| flagged (below the threshold, kept) | {c['flagged']} |",
+             f"| dropped (failure rows) | {c['dropped']} |"]
+    if c["images_dropped"]:
+        lines += ["", f"Images dropped by the consistency filter: {c['images_dropped']}."]
+    return lines
+
+
+def verdict_lines(stats: dict[str, Any]) -> list[str]:
+    """The "Judge and consistency" section; [] for a dataset without judge verdicts or
+    consistency scores (or stats computed before they were counted)."""
+    verdicts = stats.get("verdicts")
+    if not verdicts:
+        return []
+    judge, consistency = verdicts["judge"], verdicts["consistency"]
+    lines: list[str] = []
+    if judge["judged"] or judge["images_dropped"]:
+        lines += _judge_lines(judge)
+    if consistency["scored"] or consistency["dropped"] or consistency["images_dropped"]:
+        lines += ([""] if lines else []) + _consistency_lines(consistency)
+    return lines
 
 
 def _failure_lines(manifest: dict[str, Any], stats: dict[str, Any] | None) -> list[str]:
@@ -546,6 +717,9 @@ def render(manifest: dict[str, Any]) -> str:
     ]
     if stats is not None:
         lines += ["## Text", "", *_text_lines(stats), ""]
+        verdicts = verdict_lines(stats)
+        if verdicts:
+            lines += ["## Judge and consistency", "", *verdicts, ""]
     lines += ["## Failures", "", *_failure_lines(manifest, stats), "",
               "## Cost", "", *_cost_lines(manifest), "",
               "## Layout", "", LAYOUT, "",

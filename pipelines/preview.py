@@ -3,15 +3,19 @@ self-contained page, no external assets) and PNG contact sheets.
 
     python -m pipelines.preview OUT [--n 48] [--seed 0]        (make preview OUTPUT=OUT N=48)
 
-For a sample of images (those with failed regions first, up to a quarter of the sample, the rest
-drawn by a seeded hash of the key) the page shows each image with its pixel masks overlaid in
-distinct colours and its boxes outlined with their ids, the region hierarchy (whole → part →
-subpart) as a collapsible tree, and per region its caption, long caption, tags, scores and the
-visual prompts its captioner was shown — rendered again here by ``annotators.caption.visual_prompts``,
-the code the pipeline's RenderPrompts stage runs, with the program step that used each one.
-The page filters by level (boxes or masks) and by failure (images with failed regions, inputs
-that failed), also from the address (``index.html#level=pixel&fail=images``); the failures
-table is read from ``failures/``. Without JavaScript everything is shown.
+For a sample of images (those with failed or flagged regions first, up to a quarter of the
+sample, the rest drawn by a seeded hash of the key) the page shows each image with its pixel
+masks overlaid in distinct colours and its boxes outlined with their ids, the region hierarchy
+(whole → part → subpart) as a collapsible tree, and per region its caption, long caption, tags,
+scores, the judge's verdict with its reason and the consistency score (a flagged region is
+marked and opened), and the visual prompts its captioner was shown — rendered again here by
+``annotators.caption.visual_prompts``, the code the pipeline's RenderPrompts stage runs, with the
+program step that used each one. Regions the judge or the consistency filter dropped are listed
+under their image with the reason (failure rows ``judge_rejected``, ``inconsistent_text``).
+The page filters by level (boxes or masks) and by failure (images with failed regions, with
+flagged or rejected regions, inputs that failed), also from the address
+(``index.html#level=pixel&fail=flags``); failures are read from ``failures/``, flagged regions
+from ``index/regions``. Without JavaScript everything is shown; model text is HTML-escaped.
 
 Files (relative to ``OUT/preview/``): ``index.html``; ``contact-NN.png`` (a grid of overlays
 with keys); ``images/{key}.png`` (masks + boxes), ``images/{key}.pixel.png`` (masks only),
@@ -133,8 +137,12 @@ def _rank(key: str, seed: int) -> str:
 
 
 def _table(folder: Path, columns: list[str]) -> Iterable[dict[str, Any]]:
+    """Rows of the parquet files in ``folder`` with those of ``columns`` each file has (files
+    written before a column existed have rows without it)."""
     for path in sorted(folder.glob("*.parquet")):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536, columns=columns):
+        file = pq.ParquetFile(path)
+        present = [c for c in columns if c in file.schema_arrow.names]
+        for batch in file.iter_batches(batch_size=65_536, columns=present):
             yield from batch.to_pylist()
 
 
@@ -156,8 +164,19 @@ def read_failures(out: Path) -> tuple[dict[str, list[dict[str, Any]]], list[dict
     return by_key, sorted(inputs, key=lambda r: r["key"])[:MAX_FAILED_INPUTS], failed
 
 
+def read_flagged(out: Path) -> dict[str, int]:
+    """Regions kept but flagged (the judge's ``judge_keep`` false, or ``consistency_flagged``),
+    counted by key, from ``index/regions`` (an index without those columns has none)."""
+    flagged: dict[str, int] = {}
+    for row in _table(out / "index" / "regions", ["key", "judge_keep", "consistency_flagged"]):
+        if row.get("judge_keep") is False or row.get("consistency_flagged"):
+            flagged[row["key"]] = flagged.get(row["key"], 0) + 1
+    return flagged
+
+
 def choose(out: Path, n: int, seed: int, failing: Iterable[str]) -> list[Sample]:
-    """``n`` images: up to n/4 with failed regions, the rest by seeded hash of the key."""
+    """``n`` images: up to n/4 of ``failing`` (keys with failed or flagged regions), the rest by
+    seeded hash of the key."""
     shards: dict[str, str] = {}
     for path in sorted((out / "index" / "images").glob("*.parquet")):
         table = pq.read_table(path, columns=["key", "shard"])
@@ -294,6 +313,37 @@ def _prompt_html(prompts: list[tuple[dict[str, Any], str]], steps: list[tuple[st
     return '<div class="prompts">' + "".join(cells) + "</div>"
 
 
+REJECTED = {"judge_rejected": "judge", "inconsistent_text": "consistency"}   # failure reason → by what
+
+
+def flagged(text: dict[str, Any]) -> bool:
+    """Whether a region (or the image-level text) was kept but flagged: the judge's verdict
+    keep=false (``on_reject: flag``) or below the consistency threshold (``consistency_flag``)."""
+    judged_false = (text.get("judge") or {}).get("keep") is False
+    return judged_false or bool(text.get("scores", {}).get("consistency_flag"))
+
+
+def _verdict_html(text: dict[str, Any]) -> str:
+    """The judge's verdict with its reason and the consistency score, when the text has them."""
+    out = ""
+    judge = text.get("judge")
+    if judge is not None:
+        state = "kept" if judge.get("keep") else "flagged"
+        out += (f'<p class="verdict {state}">judge: <b>{state}</b> — '
+                f'<span class="reason">{_e(judge.get("reason") or "no reason")}</span></p>')
+    score = text.get("scores", {}).get("consistency")
+    if score is not None:
+        low = bool(text["scores"].get("consistency_flag"))
+        out += (f'<p class="verdict {"flagged" if low else "kept"}">consistency {score:.3f}'
+                f'{" — <b>flagged</b>: below the threshold" if low else ""}</p>')
+    return out
+
+
+def _flag_below(region: dict[str, Any], children: dict[str | None, list[dict[str, Any]]]) -> bool:
+    """Whether the region or one of its descendants is flagged (its node opens to show it)."""
+    return flagged(region) or any(_flag_below(c, children) for c in children.get(region["id"], []))
+
+
 def _node_html(region: dict[str, Any], children: dict[str | None, list[dict[str, Any]]],
                colours: dict[str, tuple[int, int, int]], prompt_html: dict[str, str], depth: int) -> str:
     scores = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
@@ -302,12 +352,17 @@ def _node_html(region: dict[str, Any], children: dict[str | None, list[dict[str,
     kids = "".join(_node_html(c, children, colours, prompt_html, depth + 1)
                    for c in children.get(region["id"], []))
     sub = f'<ul>{kids}</ul>' if kids else ""
-    return (f'<li class="node lv-{_e(region["level"])}"><details{" open" if depth == 0 else ""}>'
+    flag = flagged(region)
+    label = '<span class="flag">flagged</span> ' if flag else ""
+    opened = depth == 0 or _flag_below(region, children)
+    return (f'<li class="node lv-{_e(region["level"])}{" flagged" if flag else ""}">'
+            f'<details{" open" if opened else ""}>'
             f'<summary><span class="sw" style="background:{_hex(colours[region["id"]])}"></span>'
             f'<b>{_e(region["id"])}</b> <span class="lv">{_e(region["level"])}</span> '
+            f'{label}'
             f'{_e(region["caption"]) or "<i>no caption</i>"}'
             f'<span class="kids">{len(children.get(region["id"], []))} parts</span></summary>'
-            f'<div class="body"><p class="long">{_e(region["long_caption"])}</p>'
+            f'<div class="body">{_verdict_html(region)}<p class="long">{_e(region["long_caption"])}</p>'
             f'<p>{_tags(region["tags"])}</p>'
             f'<p class="meta">bbox [{x:.0f}, {y:.0f}, {w:.0f}, {h:.0f}] · area {region["area"]:.0f} px · '
             f'parent {_e(region["parent"] or "—")} · scores: {_e(scores)}</p>'
@@ -337,6 +392,19 @@ def _failure_rows(rows: list[dict[str, Any]], with_source: bool) -> str:
     return f'<table class="failures">{head}{body}</table>'
 
 
+def _rejected_html(rows: list[dict[str, Any]]) -> str:
+    """The image's regions the judge or the consistency filter dropped (failure rows), with the
+    reason (the rows' ``detail``)."""
+    if not rows:
+        return ""
+    items = "".join(f'<li><b>{_e(r["region_id"])}</b> <span class="flag">dropped by the '
+                    f'{REJECTED[r["reason"]]}</span> <code>{_e(r["reason"])}</code>: '
+                    f'<span class="reason">{_e(r["detail"][:300])}</span></li>'
+                    for r in sorted(rows, key=lambda r: (r["region_id"], r["reason"])))
+    return (f'<div class="rejected"><h3>{len(rows)} rejected region(s) (not in the record)</h3>'
+            f'<ul>{items}</ul></div>')
+
+
 def _sample_html(s: Sample, files: dict[str, str], prompt_html: dict[str, str]) -> str:
     record = s.record
     colours = region_colours(record)
@@ -345,15 +413,21 @@ def _sample_html(s: Sample, files: dict[str, str], prompt_html: dict[str, str]) 
     n_mask = sum(r["level"] == "pixel" for r in record["regions"])
     images = "".join(f'<img class="ov ov-{name}" src="{_e(src)}" alt="{_e(s.key)} {name}">'
                      for name, src in files.items())
-    failures = ""
-    if s.failures:
-        failures = (f'<div class="region-failures"><h3>{len(s.failures)} failed region(s) (not in the '
-                    f'record)</h3>{_failure_rows(s.failures, False)}</div>')
-    return (f'<article class="sample{" has-failures" if s.failures else ""}" id="{_e(s.key)}">'
+    rejected = [f for f in s.failures if f["reason"] in REJECTED]
+    failed = [f for f in s.failures if f["reason"] not in REJECTED]
+    n_flagged = sum(flagged(r) for r in record["regions"]) + flagged(level)
+    failures = _rejected_html(rejected)
+    if failed:
+        failures += (f'<div class="region-failures"><h3>{len(failed)} failed region(s) (not in the '
+                     f'record)</h3>{_failure_rows(failed, False)}</div>')
+    counts = "".join(f" · {n} {what}" for n, what in ((n_flagged, "flagged"), (len(rejected), "rejected"),
+                                                       (len(failed), "failed regions")) if n)
+    classes = (" has-failures" if s.failures else "") + (" has-flags" if n_flagged or rejected else "")
+    return (f'<article class="sample{classes}" id="{_e(s.key)}">'
             f'<h2>{_e(s.key)} <small>{_e(s.shard)} · {record["image"]["width"]}×{record["image"]["height"]} · '
-            f'{n_box} boxes · {n_mask} masks{" · " + str(len(s.failures)) + " failed regions" if s.failures else ""}'
+            f'{n_box} boxes · {n_mask} masks{counts}'
             f'</small></h2><div class="row"><figure class="overlay">{images}</figure>'
-            f'<div class="text"><p class="caption">{_e(level["caption"])}</p>'
+            f'<div class="text"><p class="caption">{_e(level["caption"])}</p>{_verdict_html(level)}'
             f'<p class="long">{_e(level["long_caption"])}</p><p>{_tags(level["tags"])}</p>'
             f'{prompt_html.get("", "")}</div></div>'
             f'<details class="hierarchy" open><summary>regions: whole → part → subpart</summary>'
@@ -384,6 +458,11 @@ summary{cursor:pointer}.sw{display:inline-block;width:12px;height:12px;border:1p
 .prompt{margin:0}.prompt img{max-width:160px;max-height:160px;border:1px solid #ccc;display:block;
 background:repeating-conic-gradient(#ddd 0 25%,#fff 0 50%) 0 0/12px 12px}
 table.failures{border-collapse:collapse;font-size:12px}table.failures td,table.failures th{border:1px solid #ddd;padding:2px 6px;text-align:left}
+.verdict{font-size:12px;margin:2px 0}.verdict.kept{color:#166534}.verdict.flagged{color:#b45309}
+.reason{white-space:pre-wrap}
+.flag{font-size:11px;background:#d97706;color:#fff;border-radius:3px;padding:0 4px}
+li.flagged>details>summary{background:#fef3c7}
+.rejected ul{margin:4px 0;padding-left:18px;font-size:12px}
 .ov-pixel,.ov-region{display:none}
 body.level-region .ov-all,body.level-pixel .ov-all{display:none}
 body.level-region .ov-region,body.level-pixel .ov-pixel{display:block}
@@ -391,6 +470,7 @@ body.level-region li.lv-pixel{display:none}
 body.level-pixel li.lv-region>details>summary,body.level-pixel li.lv-region>details>.body{display:none}
 body.level-pixel li.lv-region>details>ul{padding-left:0}
 body.fail-images article.sample:not(.has-failures){display:none}
+body.fail-flags article.sample:not(.has-flags){display:none}
 body.fail-inputs #samples,body.fail-inputs #sheets{display:none}
 """
 
@@ -419,7 +499,7 @@ def page(title: str, stats: str, sheets: list[str], articles: list[str], failed_
         '<b>show</b>' + "".join(
         f'<label><input type="radio" name="fail" value="{v}"{" checked" if v == "all" else ""}> {t}</label>'
         for v, t in (("all", "all images"), ("images", "images with failed regions"),
-                     ("inputs", "failed inputs"))))
+                     ("flags", "images with flagged or rejected regions"), ("inputs", "failed inputs"))))
     sheet_html = "".join(f'<a href="{_e(s)}"><img src="{_e(s)}" alt="contact sheet"></a>' for s in sheets)
     failed = (_failure_rows(failed_inputs, True) if failed_inputs else '<p class="none">no failed inputs</p>')
     more = (f"<p>first {len(failed_inputs)} of {failed_total} (all in <code>failures/</code>)</p>"
@@ -491,13 +571,16 @@ def _prompt_files(root: Path, s: Sample, rgb: np.ndarray) -> dict[str, str]:
     return out
 
 
-def _stats_line(out: Path, samples: list[Sample], failed_total: int) -> str:
+def _stats_line(out: Path, samples: list[Sample], failed_total: int, flagged_total: int = 0,
+                rejected_total: int = 0) -> str:
+    verdicts = (f"{flagged_total} regions flagged, {rejected_total} rejected (judge, consistency); "
+                if flagged_total or rejected_total else "")
     try:
         manifest = json.loads((out / "manifest.json").read_text())
         c = manifest["counts"]
         levels = c.get("regions_by_level", {})
         return _e(f"{manifest.get('dataset_name', '')}: {c['written']} images, {levels.get('region', 0)} boxes, "
-                  f"{levels.get('pixel', 0)} masks; {failed_total} failed inputs; "
+                  f"{levels.get('pixel', 0)} masks; {verdicts}{failed_total} failed inputs; "
                   f"segmenter {manifest['annotators']['segmenter']['name']}, captioner "
                   f"{manifest['annotators']['captioner']['name']}; showing {len(samples)} images")
     except (OSError, KeyError, ValueError):
@@ -509,7 +592,8 @@ def build_preview(out: str | Path, n: int = DEFAULT_N, seed: int = 0, max_side: 
     out = Path(out)
     root = out / "preview"
     failures, failed_inputs, failed_total = read_failures(out)
-    samples = choose(out, n, seed, failures)
+    flagged_by_key = read_flagged(out)
+    samples = choose(out, n, seed, set(failures) | set(flagged_by_key))
     load(out, samples)
     articles, tiles = [], []
     for s in samples:
@@ -529,8 +613,9 @@ def build_preview(out: str | Path, n: int = DEFAULT_N, seed: int = 0, max_side: 
         _write(root / sheets[-1], _png(sheet))
     title = f"Preview: {out.resolve().name}"
     index = root / "index.html"
-    index.write_text(page(title, _stats_line(out, samples, failed_total), sheets, articles,
-                          failed_inputs, failed_total), encoding="utf-8")
+    rejected = sum(f["reason"] in REJECTED for rows in failures.values() for f in rows)
+    stats = _stats_line(out, samples, failed_total, sum(flagged_by_key.values()), rejected)
+    index.write_text(page(title, stats, sheets, articles, failed_inputs, failed_total), encoding="utf-8")
     return index
 
 

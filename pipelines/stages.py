@@ -38,7 +38,8 @@ def _failure_out(failure: Failure) -> pvalue.TaggedOutput:
     return pvalue.TaggedOutput(FAILED, failure)
 
 
-def _internal(item: ImageItem, stage: str, exc: BaseException) -> pvalue.TaggedOutput:
+def internal_failure(item: ImageItem, stage: str, exc: BaseException) -> pvalue.TaggedOutput:
+    """An unexpected exception as the item's failure (out of memory: transient)."""
     LOG.warning("%s failed on %s: %s", stage, item.ref.key, exc)
     detail = f"{type(exc).__name__}: {exc} | " + "".join(traceback.format_exc(limit=3))[-800:]
     # Out of memory is the machine's state, not the input's: a rerun should try again.
@@ -78,7 +79,7 @@ class ReadImages(beam.DoFn):
             except dec.InputError as exc:
                 problem = _failure_out(item.fail("read", exc.reason, exc.detail))
             except Exception as exc:
-                problem = _internal(item, "read", exc)
+                problem = internal_failure(item, "read", exc)
         if problem is not None:
             yield problem
             return
@@ -101,7 +102,7 @@ class DecodeImages(beam.DoFn):
             except dec.InputError as exc:
                 problem = _failure_out(item.fail("decode", exc.reason, exc.detail))
             except Exception as exc:
-                problem = _internal(item, "decode", exc)
+                problem = internal_failure(item, "decode", exc)
         if problem is not None:
             yield problem
             return
@@ -152,13 +153,13 @@ class Segment(beam.DoFn):
                     inputs.append(self._input(item))
                     ok.append(item)
                 except Exception as exc:
-                    problems.append(_internal(item, "segment", exc))
+                    problems.append(internal_failure(item, "segment", exc))
             try:
                 outputs = self.segmenter.segment_batch(inputs) if inputs else []
                 if len(outputs) != len(inputs):
                     raise RuntimeError(f"segmenter gave {len(outputs)} answers for {len(inputs)} images")
             except Exception as exc:
-                problems += [_internal(item, "segment", exc) for item in ok]
+                problems += [internal_failure(item, "segment", exc) for item in ok]
                 ok, outputs = [], []
         yield from problems
         wall, costs = meter.share(len(ok), self.on_gpu)
@@ -187,7 +188,7 @@ class SelectRegions(beam.DoFn):
                 item.regions, dropped = select_regions(item.candidates, (item.height, item.width),
                                                        self.config.regions)
             except Exception as exc:
-                problem = _internal(item, "select_regions", exc)
+                problem = internal_failure(item, "select_regions", exc)
             else:
                 problem = None
                 merged = Counter(item.segment_dropped)
@@ -226,7 +227,7 @@ class RenderPrompts(beam.DoFn):
             try:
                 item.prompts = vp.render_specs(self.specs, _rgb(item), item.regions)
             except Exception as exc:
-                problem = _internal(item, "render_prompts", exc)
+                problem = internal_failure(item, "render_prompts", exc)
         if problem is not None:
             yield problem
             return
@@ -262,7 +263,7 @@ class Caption(beam.DoFn):
                 if len(results) != len(inputs):
                     raise RuntimeError(f"captioner gave {len(results)} answers for {len(inputs)} images")
             except Exception as exc:
-                problems = [_internal(item, "caption", exc) for item in batch]
+                problems = [internal_failure(item, "caption", exc) for item in batch]
         if problems:
             yield from problems
             return

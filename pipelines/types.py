@@ -83,6 +83,7 @@ class ImageItem:
     costs: dict[str, dict[str, float]] = field(default_factory=dict)
     segmenter_provenance: dict[str, Any] | None = None       # as set up in the worker that ran it
     rgb: Any = None                                          # decoded pixels of ``data`` (numpy), once
+    previous: dict[str, Any] | None = None                   # make recaption: the earlier record
 
     def __getstate__(self) -> dict[str, Any]:
         # the pixels are a cache: a shuffle or a worker hand-over carries the encoded bytes only

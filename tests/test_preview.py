@@ -3,6 +3,7 @@ references only files it wrote, the visual prompts the captioner saw, and a real
 Chromium screenshot of the page that is not blank."""
 from __future__ import annotations
 
+import html
 import io
 import os
 import re
@@ -22,6 +23,7 @@ from pipelines import preview
 from schemas import region_provenance
 from tests.conftest import build, records
 from tests.fault_server import FaultConfig, serve_faults
+from tests.test_card_quality import FLAG_REASON, KEPT_REASON, add_verdicts, without_verdict_columns
 
 
 def test_overlay_tints_masks_only_in_distinct_colours() -> None:
@@ -118,6 +120,60 @@ def _image_bytes(out: Path, record: dict[str, Any]) -> bytes:
     raise KeyError(name)
 
 
+def _articles(page: str) -> dict[str, str]:
+    """Each sampled image's <article> by key."""
+    found = re.finditer(r'<article class="sample[^"]*" id="([^"]+)">.*?</article>', page, re.S)
+    return {m.group(1): m.group(0) for m in found}
+
+
+def test_verdicts_flags_and_rejected_regions(built: Path, tmp_path: Path) -> None:
+    """Each region's verdict and reason and its consistency score; flagged regions marked (and
+    opened); the regions the judge or the consistency filter dropped listed under their image with
+    the reason; model text escaped."""
+    out = tmp_path / "judged"
+    shutil.copytree(built, out)
+    judged = add_verdicts(out)
+    assert preview.read_flagged(out) == {key: 1 for key in {*judged.flagged, *judged.consistency_flagged}}
+    n = len(records(out))
+    preview.build_preview(out, n=n)
+    page = (out / "preview" / "index.html").read_text()
+    articles = _articles(page)
+    assert len(articles) == n
+    flag_label = '<span class="flag">flagged</span>'
+    for key, article in articles.items():
+        ids = re.findall(r'<li class="node lv-\w+ flagged"><details open><summary>'   # flagged nodes open
+                         rf'<span class="sw"[^>]*></span><b>([^<]+)</b> <span class="lv">\w+</span> {flag_label}',
+                         article)
+        assert ids == [r for r in (judged.flagged.get(key), judged.consistency_flagged.get(key)) if r], key
+        rejected = re.findall(r'<li><b>([^<]+)</b> <span class="flag">dropped by the (\w+)</span> '
+                              r'<code>(\w+)</code>: <span class="reason">(.*?)</span></li>', article, re.S)
+        expected = sorted((region_id, preview.REJECTED[reason], reason, html.escape(detail))
+                          for region_id, reason, detail in judged.dropped.get(key, []))
+        assert rejected == expected, key
+        marked = bool(ids or rejected)
+        assert ('has-flags' in article.split(">", 1)[0]) == marked, key
+    assert page.count(flag_label) == 2
+    assert page.count(f'judge: <b>kept</b> — <span class="reason">{KEPT_REASON}</span>') == judged.kept + n
+    flagged_reason = html.escape(FLAG_REASON)     # "&lt;script&gt;", the newline kept (pre-wrap)
+    assert page.count(f'judge: <b>flagged</b> — <span class="reason">{flagged_reason}</span>') == 1
+    assert len(re.findall(r'<p class="verdict \w+">consistency \d\.\d{3}', page)) == len(judged.scores)
+    assert page.count("consistency 0.012 — <b>flagged</b>: below the threshold") == 1
+    assert "<script>alert" not in page and "<b>bold</b>" not in page
+    assert "2 regions flagged, 4 rejected (judge, consistency)" in page
+
+
+def test_datasets_without_verdicts_show_none(built: Path, tmp_path: Path) -> None:
+    articles = "".join(_articles((built / "preview" / "index.html").read_text()).values())
+    assert articles and 'class="verdict' not in articles and 'class="rejected"' not in articles
+    assert "has-flags" not in articles and 'class="flag"' not in articles
+    old = tmp_path / "old"                  # an index written before the verdict columns
+    shutil.copytree(built, old)
+    without_verdict_columns(old)
+    assert preview.read_flagged(old) == {}
+    assert preview.main([str(old), "--n", "3"]) == 0
+    assert _articles((old / "preview" / "index.html").read_text()).keys() <= records(old).keys()
+
+
 @pytest.mark.slow
 def test_prompts_and_failures_of_a_vllm_build(tmp_path: Path) -> None:
     """Prompt images are what annotators.caption.visual_prompts renders for the program's specs; failed
@@ -133,7 +189,10 @@ def test_prompts_and_failures_of_a_vllm_build(tmp_path: Path) -> None:
     assert manifest["counts"]["region_failures_by_reason"], manifest["counts"]
     preview.build_preview(out, n=6)
     html = (out / "preview" / "index.html").read_text()
-    assert 'class="sample has-failures"' in html
+    assert re.search(r'<article class="sample[^"]*\bhas-failures\b', html)
+    if manifest["counts"]["region_failures_by_reason"].get("caption/judge_rejected"):
+        # the fault server's judge rejects some regions: listed with the judge's reason
+        assert re.search(r'<span class="flag">dropped by the judge</span> <code>judge_rejected</code>', html)
     checked = 0
     for key, record in records(out).items():
         rgb = np.asarray(Image.open(io.BytesIO(_image_bytes(out, record))).convert("RGB"))
