@@ -86,7 +86,8 @@ def build_record(item: ImageItem, segmenter: dict[str, Any], pipeline_version: s
     if result.image_level is None:
         return None, failures + [item.fail("caption", "no_image_caption", "captioner returned none")]
     missing = {r.id for r in item.regions} - set(result.regions)
-    for region_id in sorted(missing - {f.region_id for f in result.failures}):
+    explained = {f.region_id for f in result.failures} | {f.region_id for f in item.region_failures}
+    for region_id in sorted(missing - explained):
         failures.append(Failure(item.ref.key, item.ref.uri, "caption", "missing_caption",
                                 "captioner gave no text", region_id, item.ref.shard))
     regions = _drop_failed(item.regions, missing)

@@ -1,7 +1,8 @@
 """Build a multi-granularity image–text dataset: the whole flow, left to right.
 
     ReadInputs → PlanInputs → DropDuplicates → ReadImages → DecodeImages → Segment
-    → SelectRegions → RenderPrompts → Caption → Assemble → FailureBudget → WriteShards
+    → SelectRegions → RenderPrompts → Caption → [CheckConsistency] → Assemble → FailureBudget
+    → WriteShards
                                                      (+ every stage's failures → failures table)
 
 Inputs are read by workers; PlanInputs skips what earlier runs settled and gives each new input a
@@ -119,6 +120,8 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> None:
     items = stage(items, "SelectRegions", stages.SelectRegions(config))
     items = stage(items, "RenderPrompts", stages.RenderPrompts(config))
     items = stage(items | "BatchForCaption" >> batches(config.batch.caption), "Caption", stages.Caption(config))
+    if config.consistency is not None:
+        items = stage(items, "CheckConsistency", stages.CheckConsistency(config))
     limits = config.limits
     # The budget watches the model stages' outcomes where they are made (fused with Caption), so a
     # dead server stops the run after a few batches, not after every input has failed.
@@ -228,11 +231,21 @@ def prepare(argv: Sequence[str]) -> tuple[Plan, PipelineOptions]:
         layout = None
     if layout is not None and layout.split != config.shards.split:
         raise ConfigError(f"shards.split: '{args.output}' was built with split '{layout.split}'")
-    provenance = {"segmenter": build_segmenter(config.segmenter).provenance(),
-                  "captioner": build_captioner(config.captioner).provenance()}
+    provenance = annotator_provenance(config)
     plan = Plan(args.input, args.output, config, layout, provenance, f"{time.time_ns():020d}",
                 args.prune_vanished)
     return plan, pipeline_options(beam_args, args.workers)
+
+
+def annotator_provenance(config: PipelineConfig) -> dict[str, Any]:
+    """The driver's view of what annotates this build (the manifest's ``annotators``)."""
+    out = {"segmenter": build_segmenter(config.segmenter).provenance(),
+           "captioner": build_captioner(config.captioner).provenance()}
+    if config.consistency is not None:
+        from pipelines.config import build_consistency
+
+        out["consistency"] = build_consistency(config.consistency).provenance()
+    return out
 
 
 def create_pipeline(argv: Sequence[str]) -> beam.Pipeline:

@@ -130,6 +130,9 @@ class PipelineConfig:
     limits: LimitSettings = field(default_factory=LimitSettings)
     segmenter: dict[str, Any] = field(default_factory=lambda: {"name": "classical"})
     captioner: dict[str, Any] = field(default_factory=lambda: {"name": "attributes"})
+    # optional filter: each region's text scored against its pixels by a CLIP-style model
+    # (annotators.filter.consistency); None: no such stage
+    consistency: dict[str, Any] | None = None
     dataset_name: str = "dataset"
 
     # Never written into a shard: batch sizes (which images share a batch already depends on the
@@ -142,6 +145,8 @@ class PipelineConfig:
         view = hashed_fields(self)
         view["segmenter"] = build_segmenter(self.segmenter).hash_view()
         view["captioner"] = build_captioner(self.captioner).hash_view()
+        view["consistency"] = None if self.consistency is None else \
+            build_consistency(self.consistency).hash_view()
         view["pipeline_version"] = PIPELINE_VERSION
         view["schema_version"] = SCHEMA_VERSION
         return mask_secrets(view)   # a new API key is not a new dataset
@@ -172,7 +177,14 @@ class PipelineConfig:
 
 _SECTIONS = {"shards": ShardSettings, "decode": DecodeSettings, "regions": RegionSettings,
              "batch": BatchSettings, "limits": LimitSettings}
-_KNOWN = list(_SECTIONS) + ["segmenter", "captioner", "dataset_name"]
+_KNOWN = list(_SECTIONS) + ["segmenter", "captioner", "consistency", "dataset_name"]
+
+
+def build_consistency(settings: dict[str, Any]) -> Any:
+    """The consistency scorer of these settings (checked; nothing loaded)."""
+    from annotators.filter.consistency import ConsistencyScorer
+
+    return ConsistencyScorer(settings, "consistency")
 
 
 def config_from_dict(data: dict[str, Any] | None) -> PipelineConfig:
@@ -198,11 +210,17 @@ def config_from_dict(data: dict[str, Any] | None) -> PipelineConfig:
         if not isinstance(section, dict) or "name" not in section:
             raise ConfigError(f"{role}: expected a mapping with 'name' (e.g. {role}: {{name: ...}})")
         kwargs[role] = dict(section)
+    if data.get("consistency") is not None:
+        if not isinstance(data["consistency"], dict):
+            raise ConfigError("consistency: expected a mapping (model, checkpoint, threshold, ...)")
+        kwargs["consistency"] = dict(data["consistency"])
     if "dataset_name" in data:
         kwargs["dataset_name"] = str(data["dataset_name"])
     config = PipelineConfig(**kwargs)
     build_segmenter(config.segmenter)   # validates settings; loads nothing
     build_captioner(config.captioner)
+    if config.consistency is not None:
+        build_consistency(config.consistency)
     return config
 
 

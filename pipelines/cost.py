@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from annotators.caption.backends.base import COST_FIELDS
 
-STAGES = ("read", "decode", "segment", "select_regions", "render_prompts", "caption", "assemble")
+STAGES = ("read", "decode", "segment", "select_regions", "render_prompts", "caption", "consistency",
+          "assemble")
 CPU_CLOCKS: dict[str, str] = {stage: "thread" for stage in STAGES} | {"segment": "process",
                                                                       "caption": "process"}
 SECONDS = ("wall_s", "cpu_s", "gpu_s")

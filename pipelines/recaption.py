@@ -1,7 +1,8 @@
 """Re-caption (and re-segment) an existing dataset, recomputing only what new settings change.
 
     FROM shards → ReadPrevious → [Segment → SelectRegions → MatchPrevious, for images that need
-    new masks] → Recaption → Assemble → FailureBudget → WriteShards (+ FROM's failures carried)
+    new masks] → Recaption → [CheckConsistency] → Assemble → FailureBudget → WriteShards
+    (+ FROM's failures carried)
 
 Each text records, in its captioner provenance, a hash per caption step (``step_hashes``: the
 step, its client's output-changing settings, its visual prompts, the hashes of the steps it
@@ -53,10 +54,17 @@ from pipelines.build_dataset import (
     Plan,
     RunFailed,
     WriteShards,
+    annotator_provenance,
     beam_counters,
     pipeline_options,
 )
-from pipelines.config import PIPELINE_VERSION, PipelineConfig, config_from_dict, load_config
+from pipelines.config import (
+    PIPELINE_VERSION,
+    PipelineConfig,
+    build_consistency,
+    config_from_dict,
+    load_config,
+)
 from pipelines.cost import Meter, on_gpu
 from pipelines.types import Failure, ImageItem, ImageRef, failure_class
 from schemas import SCHEMA_VERSION
@@ -65,7 +73,9 @@ from settings import ConfigError, hashed_view, stable_hash
 LOG = logging.getLogger("recaption")
 REPORT = "recaption_report.json"
 NAMESPACE = "recaption"
-TEXT_SCORES = ("judge_keep",)              # scores a captioner writes (the rest are the segmenter's)
+# scores written with a text (by the captioner, the consistency filter); the rest are the segmenter's
+TEXT_SCORES = ("judge_keep", "consistency", "consistency_flag")
+FILTER_SCORES = ("consistency", "consistency_flag")
 RETRY = {"none": (), "permanent": ("permanent",), "all": ("permanent", "transient")}
 
 
@@ -78,6 +88,7 @@ class Changes:
 
     resegment: bool                # segmenter or region selection changed: new masks everywhere
     retry: tuple[str, ...]         # failure classes of FROM's region failures to ask again
+    keep_consistency: bool = False  # same consistency filter: a carried text keeps its score
 
 
 def segmentation_view(config: PipelineConfig) -> dict[str, Any]:
@@ -99,7 +110,10 @@ def compare(old: PipelineConfig, new: PipelineConfig, retry: str) -> Changes:
         raise ConfigError("segmenter: 'given' masks come with the original inputs, which a "
                           "recaption does not read; keep FROM's segmenter and region settings "
                           "and --retry-failed none, or build anew with make build-dataset")
-    return Changes(resegment, RETRY[retry])
+    same_filter = old.consistency is not None and new.consistency is not None and \
+        stable_hash(build_consistency(old.consistency).hash_view()) == \
+        stable_hash(build_consistency(new.consistency).hash_view())
+    return Changes(resegment, RETRY[retry], same_filter)
 
 
 # --------------------------------------------------------------------------- reading FROM
@@ -214,10 +228,12 @@ def old_outputs(text: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def carried_text(text: dict[str, Any], provenance: dict[str, Any]) -> TextOut:
-    """A stored text as the captioner's output, with its own provenance (so the same id)."""
+def carried_text(text: dict[str, Any], provenance: dict[str, Any], keep_filter: bool) -> TextOut:
+    """A stored text as the captioner's output, with its own provenance (so the same id); its
+    consistency scores only when the filter is the same (else it is scored again)."""
+    keep = TEXT_SCORES if keep_filter else tuple(k for k in TEXT_SCORES if k not in FILTER_SCORES)
     return TextOut(text["caption"], text["long_caption"], list(text["tags"]),
-                   {k: v for k, v in text.get("scores", {}).items() if k in TEXT_SCORES},
+                   {k: v for k, v in text.get("scores", {}).items() if k in keep},
                    provenance, dict(text["judge"]) if "judge" in text else None,
                    dict(text.get("steps", {})))
 
@@ -227,8 +243,9 @@ class Recaption(beam.DoFn):
     reused step by step elsewhere, the rest asked of the configured captioner (set up only when
     something must be asked)."""
 
-    def __init__(self, config: PipelineConfig) -> None:
+    def __init__(self, config: PipelineConfig, keep_filter: bool = False) -> None:
         self.config = config
+        self.keep_filter = keep_filter
         self.captioner = None
         self.hashes: dict[str, dict[str, str]] = {}
         self.ready = False
@@ -264,7 +281,7 @@ class Recaption(beam.DoFn):
             old, new = provenance.get("steps", {}).get(level, {}), self.hashes[level]
             outputs = old_outputs(text)
             if old == new:
-                carried[target] = carried_text(text, provenance)
+                carried[target] = carried_text(text, provenance, self.keep_filter)
                 given[target] = outputs
                 continue
             reuse[target] = given[target] = {s: outputs[s] for s, h in new.items()
@@ -384,7 +401,10 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
         items = (again, kept) | "AllItems" >> beam.Flatten()
     else:
         items = again
-    items = stage(items | "BatchForCaption" >> batches(config.batch.caption), "Recaption", Recaption(config))
+    items = stage(items | "BatchForCaption" >> batches(config.batch.caption), "Recaption",
+                  Recaption(config, job.changes.keep_consistency))
+    if config.consistency is not None:
+        items = stage(items, "CheckConsistency", stages.CheckConsistency(config))
     limits = config.limits
     records = (items | "Assemble" >> beam.ParDo(stages.Assemble(config, PIPELINE_VERSION, plan.provenance["segmenter"]))
                | "FailureBudget" >> beam.ParDo(FailureBudget(
@@ -444,8 +464,7 @@ def prepare(argv: Sequence[str]) -> tuple[Job, Any]:
         if not args.overwrite:
             raise ConfigError(f"--output: '{output}' already holds a dataset; use a new --output or --overwrite")
         finalize.delete_build(output)
-    provenance = {"segmenter": build_segmenter(config.segmenter).provenance(),
-                  "captioner": build_captioner(config.captioner).provenance()}
+    provenance = annotator_provenance(config)
     plan = Plan(f"recaption:{source}", output, config, lay.Layout(layout.buckets, layout.split,
                                                                   config.settings_hash()),
                 provenance, f"{time.time_ns():020d}", False)

@@ -276,6 +276,68 @@ class Caption(beam.DoFn):
             yield item
 
 
+class CheckConsistency(beam.DoFn):
+    """Each region's text scored against its pixels (``consistency``); below the threshold a
+    region is dropped (failure ``inconsistent_text``, stage ``consistency``) or flagged
+    (``scores.consistency_flag``). A text that already has its score (carried by a recaption
+    with the same filter) is not scored again."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.scorer = None
+        self.on_gpu = False
+
+    def setup(self) -> None:
+        from pipelines.config import build_consistency
+
+        self.scorer = build_consistency(self.config.consistency)
+        self.scorer.setup()
+        self.on_gpu = on_gpu(self.scorer.provenance())
+
+    def teardown(self) -> None:
+        if self.scorer is not None:
+            self.scorer.teardown()
+
+    def process(self, item: ImageItem) -> Iterator[Any]:
+        from annotators.filter.consistency import FAILURE_REASON, RegionText
+        from annotators.segment import masks
+
+        settings = self.scorer.settings
+        result = item.captions
+        with Meter("consistency") as meter:
+            try:
+                todo = [r for r in item.regions if r.id in result.regions
+                        and "consistency" not in result.regions[r.id].scores]
+                texts = [getattr(result.regions[r.id], settings.text) for r in todo]
+                scores = self.scorer.score(_rgb(item), [
+                    RegionText(r.bbox, None if r.rle is None else masks.decode(r.rle).astype(bool), text)
+                    for r, text in zip(todo, texts)]) if todo else []
+            except Exception as exc:
+                problem = internal_failure(item, "consistency", exc)
+            else:
+                problem = None
+        if problem is not None:
+            yield problem
+            return
+        for region, score in zip(todo, scores, strict=True):
+            text = result.regions[region.id]
+            text.scores["consistency"] = float(score)
+            if settings.threshold is None:
+                continue
+            low = self.scorer.rejects(score)
+            Metrics.counter("consistency", "below_threshold" if low else "kept").inc()
+            if low and settings.action == "drop":
+                del result.regions[region.id]
+                item.region_failures.append(Failure(
+                    item.ref.key, item.ref.uri, "consistency", FAILURE_REASON,
+                    f"score {score:.3f} < threshold {settings.threshold} ({settings.text})",
+                    region.id, item.ref.shard))
+            else:
+                text.scores["consistency_flag"] = 1.0 if low else 0.0
+        item.timings["consistency"], item.costs["consistency"] = meter.share(1, self.on_gpu)
+        yield item
+
+
 class Assemble(beam.DoFn):
     """Item → ShardOutcome with a validated record, or the item's failures."""
 
