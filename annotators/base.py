@@ -192,6 +192,9 @@ class Captioner(Annotator):
     """Turns (image, regions, visual prompts) into captions, long captions and tags."""
 
     role = "captioner"
+    # whether a target's text may depend on the image's other regions (neighbours, parts, counts),
+    # not only on the target itself: then new masks elsewhere in an image change it too
+    reads_other_regions: ClassVar[bool] = True
 
     def prompt_specs(self) -> dict[str, list[dict[str, Any]]]:
         """Visual prompts to render per target level ("image", "region", "pixel").

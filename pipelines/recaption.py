@@ -14,13 +14,15 @@ batch where nothing changed calls no model and sets no model up.
 Masks: if the segmenter, the region selection or the decode settings are unchanged, every region
 is carried from FROM. If the segmenter or the region selection changed, each stored image is
 segmented again and a new region keeps the texts of an earlier region with the same level, box and
-mask. ``--retry-failed`` (permanent | all) also segments again the images that lost regions to a
+mask (for a captioner whose texts read other regions — the embedded ``attributes`` one describes
+neighbours and parts — only when the image's regions are all the same as before).
+``--retry-failed`` (permanent | all) also segments again the images that lost regions to a
 permanent failure (judge_rejected, answer_schema, ...), so those regions are asked again. Changed
 decode settings change the stored images themselves: that needs the original inputs
 (``make build-dataset``).
 
-Output: a new dataset (same shard names as FROM), its manifest with a ``recaption`` section, and
-``recaption_report.json`` (targets carried / partly reused / recomputed, steps reused / sent,
+Output: a new dataset (same shard names as FROM; its manifest's ``input`` is ``recaption:FROM``)
+and ``recaption_report.json`` (targets carried / partly reused / recomputed, steps reused / sent,
 regions failed).
 
 Usage:
@@ -202,18 +204,34 @@ def _geometry(level: str, bbox: list[float], mask: dict[str, Any] | None) -> tup
     return level, tuple(round(float(v), 2) for v in bbox), None if mask is None else mask["counts"]
 
 
+def _tree(regions: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Regions by geometry and label, each with its parent's geometry (ids left out), sorted."""
+    by_id = {r["id"]: r for r in regions}
+
+    def geometry(r: dict[str, Any]) -> tuple[Any, ...]:
+        return _geometry(r["level"], [round(float(v), 2) for v in r["bbox"]], r["mask"])
+
+    return sorted((geometry(r), None if r["parent"] is None else geometry(by_id[r["parent"]]),
+                   str(sorted((r.get("given") or {}).items()))) for r in regions)
+
+
 class MatchPrevious(beam.DoFn):
     """After new masks: each new region gets the earlier texts of the old region with the same
     level, box and mask (``previous["texts"]``: new region id → old region dict)."""
 
     def process(self, item: ImageItem) -> Iterator[ImageItem]:
-        old = {_geometry(r["level"], r["bbox"], r["mask"]): r for r in item.previous["record"]["regions"]}
+        before = item.previous["record"]["regions"]
+        old = {_geometry(r["level"], r["bbox"], r["mask"]): r for r in before}
         matched = {}
         for region in item.regions:
             found = old.get(_geometry(region.level, [round(float(v), 2) for v in region.bbox], region.rle))
             if found is not None and found.get("given", {}) == region.given:
                 matched[region.id] = found
         item.previous["texts"] = matched
+        # the same regions in the same tree: texts that read other regions still hold
+        item.previous["same_regions"] = _tree(before) == _tree([
+            {"id": r.id, "parent": r.parent, "level": r.level, "bbox": r.bbox, "mask": r.rle,
+             "given": r.given} for r in item.regions])
         item.region_failures = []   # new regions: FROM's region failures no longer name them
         Metrics.counter(NAMESPACE, "images_segmented_again").inc()
         yield item
@@ -267,6 +285,8 @@ class Recaption(beam.DoFn):
         texts: dict[str, dict[str, Any]] = {"image": record["image_level"]}
         if "texts" in item.previous:
             texts.update(item.previous["texts"])
+            if self.captioner.reads_other_regions and not item.previous["same_regions"]:
+                texts = {}   # new masks elsewhere in the image change every text of it
         else:
             texts.update({r["id"]: r for r in record["regions"]})
         levels = {"image": "image", **{r.id: r.level for r in item.regions}}

@@ -192,3 +192,17 @@ def test_bad_requests_stop_before_any_work(first: tuple[Path, Path, int], server
     with pytest.raises(ConfigError, match="segmenter: 'given'"):
         recaption.prepare(["--from", str(source), "--config", str(cfg), "--output", str(tmp / "y")])
     assert not (tmp / "x").exists() and not (tmp / "y").exists()
+
+
+def test_new_regions_with_a_context_reading_captioner_give_a_fresh_builds_bytes(tmp_path: Path) -> None:
+    """The embedded default's texts read neighbours and parts: with a new region selection, an
+    image whose regions changed is described anew, one whose regions did not is carried. On
+    lossless synthetic scenes the result is byte for byte the fresh build with the new settings."""
+    source, _ = build(tmp_path, "synthetic://6", "default")
+    fewer = {"regions": {"max_regions": 3}}
+    fresh, _ = build(tmp_path, "synthetic://6", "fresh", config=fewer)
+    out, report = _recaption(tmp_path, source, "fewer", fewer)
+    counts = report["counts"]
+    assert counts["images_segmented_again"] == 6 and counts["model_calls"] == 0
+    assert counts["image_recomputed"] >= 1 and counts["regions_recomputed"] > 0
+    assert _tars(out) == _tars(fresh)

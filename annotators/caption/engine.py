@@ -163,6 +163,8 @@ class ProgramCaptioner(Captioner):
     built once (``build_provenance``) and shared by every text this captioner writes.
     """
 
+    reads_other_regions = False   # a target's prompts hold its own fields and earlier outputs only
+
     def __init__(self, settings: Mapping[str, Any] | None = None, where: str = "") -> None:
         super().__init__(settings, where)
         self.program: Program = load_program(self.settings.program)

@@ -23,6 +23,7 @@ class NoCaptioner(Captioner):
     name = "none"
     version = "1"
     Settings = NoCaptionSettings
+    reads_other_regions = False
 
     def provenance(self) -> dict[str, Any]:
         return super().provenance() | {"captioned": False}
