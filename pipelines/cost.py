@@ -11,7 +11,8 @@ How each figure is measured (``Meter``):
 * ``cpu_s``: CPU time over the same span, shared the same way. The stages whose work runs in the
   DoFn's own thread (``CPU_CLOCKS`` "thread": read, decode, select_regions, render_prompts,
   assemble) use that thread's clock (``time.thread_time``), exact even where a runner runs
-  several bundles in threads of one process. The model stages (segment, caption; "process") use
+  several bundles in threads of one process. The model stages (segment, caption, consistency;
+  "process") use
   the process's clock (``time.process_time``): their work runs in threads the stage does not own
   one by one (torch's intra-op pool, the HTTP client's event-loop thread, the caption engine's
   per-client threads). Where other measured work ran in the same process meanwhile (a runner
@@ -34,8 +35,8 @@ from annotators.caption.backends.base import COST_FIELDS
 
 STAGES = ("read", "decode", "segment", "select_regions", "render_prompts", "caption", "consistency",
           "assemble")
-CPU_CLOCKS: dict[str, str] = {stage: "thread" for stage in STAGES} | {"segment": "process",
-                                                                      "caption": "process"}
+CPU_CLOCKS: dict[str, str] = {stage: "thread" for stage in STAGES} | {
+    "segment": "process", "caption": "process", "consistency": "process"}
 SECONDS = ("wall_s", "cpu_s", "gpu_s")
 EXTRAPOLATE_TO = (1_000_000, 10_000_000)
 
