@@ -13,8 +13,7 @@ How each figure is measured (``Meter``):
   assemble) use that thread's clock (``time.thread_time``), exact even where a runner runs
   several bundles in threads of one process. The model stages (segment, caption, consistency;
   "process") use the process's clock (``time.process_time``): their work runs in threads the
-  stage does not own
-  one by one (torch's intra-op pool, the HTTP client's event-loop thread, the caption engine's
+  stage does not own one by one (torch's intra-op pool, the HTTP client's event-loop thread, the caption engine's
   per-client threads). Where other measured work ran in the same process meanwhile (a runner
   running bundles in parallel threads), an item's process CPU includes that work too: the item is
   counted in ``cpu_overlapped`` and its figure is an upper bound. Work done in another process
