@@ -49,7 +49,9 @@ REGION = F("object", "One region of the image: a box (level region) or a mask (l
               items=F("number", "Pixels."), extra={"minItems": 4, "maxItems": 4}),
     "area": F("number", "Pixels: the mask's pixel count, or w*h for a box.", extra={"minimum": 0}),
     "mask": _RLE,
-    "scores": F("object", "Numeric scores, e.g. predicted_iou, stability, judge.", open=True),
+    "scores": F("object", "Numeric scores: the segmenter's (e.g. predicted_iou, stability), `judge_keep` "
+                "(1 kept, 0 flagged), `consistency` (text–region similarity) and `consistency_flag` (1: below "
+                "the threshold, kept).", open=True),
     "caption": F("string", "Short caption of the region."),
     "long_caption": F("string", "Long description of the region."),
     "tags": _TAGS,
