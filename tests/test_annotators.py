@@ -105,6 +105,16 @@ def test_given_masks_are_rescaled_on_their_runs_like_a_drawn_resize(source, targ
     for mask in shapes:
         got = masks.decode(_rescale_mask(masks.encode(mask), *target))
         np.testing.assert_array_equal(got, _drawn_resize(mask, *target))
+    # all of them at once, with masks already at the target size and of another size mixed in
+    # (runs of neighbouring masks must not join, each keeps its own frame)
+    from annotators.segment.frame import rescale_masks
+
+    other = rng.random((h + 3, w + 1)) < 0.5
+    mixed = shapes + [np.ones(target, bool), other, shapes[1]]
+    got = rescale_masks([masks.encode(m) for m in mixed], *target)
+    assert len(got) == len(mixed)
+    for mask, out in zip(mixed, got, strict=True):
+        np.testing.assert_array_equal(masks.decode(out), _drawn_resize(mask, *target))
 
 
 def test_registry_and_settings_errors(tmp_path) -> None:

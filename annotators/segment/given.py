@@ -113,8 +113,8 @@ class GivenSegmenter(Segmenter):
                 masks += [(m, s, label, "given:coco")
                           for m, s, label in _coco_masks(given["coco"], given.get("image_id"), limit)]
         dropped: dict[str, int] = {}
-        for encoded, scores, label, source in masks:
-            encoded = frame.mask(encoded, self.settings.frame)
+        stored = frame.masks([m[0] for m in masks], self.settings.frame)
+        for encoded, (_, scores, label, source) in zip(stored, masks, strict=True):
             area = rle.area(encoded)
             if area == 0:
                 dropped["empty_mask"] = dropped.get("empty_mask", 0) + 1
