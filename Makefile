@@ -8,10 +8,12 @@ CONFIG ?=
 ARGS ?=
 space := $(subst ,, )
 comma := ,
-# Extras the build needs, from the config: SAM segmenters, the vLLM client, transformers.
+# Extras the build needs, from the config: SAM segmenters, the vLLM client, transformers, the
+# consistency filter (torch, open_clip: the train extra).
 BUILD_EXTRAS := $(strip $(if $(CONFIG),$(shell grep -qsE 'name: *sam-' $(CONFIG) && echo sam),)\
   $(if $(CONFIG),$(shell grep -qsE 'name: *vllm' $(CONFIG) && echo vllm),)\
-  $(if $(CONFIG),$(shell grep -qsE 'name: *transformers' $(CONFIG) && echo hf),))
+  $(if $(CONFIG),$(shell grep -qsE 'name: *transformers' $(CONFIG) && echo hf),)\
+  $(if $(CONFIG),$(shell grep -qsE '^consistency:' $(CONFIG) && echo train),))
 BUILD_STAMP := $(VENV)/.stamp-$(if $(BUILD_EXTRAS),$(subst $(space),-,$(BUILD_EXTRAS)),core)
 
 .PHONY: build-dataset validate test test-quick test-all venv vllm-env schema-doc bench gpu-wheels clean help

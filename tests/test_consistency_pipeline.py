@@ -91,7 +91,10 @@ def test_recaption_adds_the_filter_without_asking_the_captioner(tmp_path: Path, 
                 {k: v for k, v in before.items() if k != "scores"}
 
 
-def test_bad_filter_settings_stop_before_any_work(tmp_path: Path, checkpoint: Path) -> None:
+def test_bad_filter_settings_stop_before_any_work(tmp_path: Path, checkpoint: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
     from pipelines.config import config_from_dict
 
     with pytest.raises(ConfigError, match="consistency.checkpoint"):
@@ -101,3 +104,9 @@ def test_bad_filter_settings_stop_before_any_work(tmp_path: Path, checkpoint: Pa
     with pytest.raises(ConfigError, match="consistency: expected a mapping"):
         config_from_dict({"consistency": "yes"})
     assert json.dumps(config_from_dict(_config(checkpoint)).hashed_settings()["consistency"])
+    # an install without the train extra is told what to install, before any work
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "open_clip" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"consistency.model: the consistency filter needs open_clip: "
+                                          r"install the project's 'train' extra"):
+        config_from_dict(_config(checkpoint))

@@ -26,6 +26,7 @@ text scores 0.0 (no evidence either way; the text-missing failure belongs to the
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import math
 import os
@@ -90,6 +91,10 @@ class ConsistencySettings:
         for name, choices in (("model", MODELS), ("text", TEXTS), ("action", ACTIONS), ("crop", CROPS)):
             value = getattr(self, name)
             require(value in choices, name, f"unknown {name} {value!r}; use one of {', '.join(choices)}")
+        missing = [m for m in ("torch", "open_clip") if importlib.util.find_spec(m) is None]
+        require(not missing, "model", f"the consistency filter needs {' and '.join(missing)}: install "
+                "the project's 'train' extra (pip install -c constraints.txt -e '.[train]'; "
+                "make build-dataset does it when the config has a consistency section)")
         require(self.threshold is None or -1.0 <= self.threshold <= 1.0, "threshold",
                 f"{self.threshold} is not in [-1, 1] (a cosine similarity); or leave it out to only score")
         require(self.batch_size >= 1, "batch_size", "must be 1 or more")
