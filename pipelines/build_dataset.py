@@ -91,47 +91,71 @@ class WriteShards(beam.PTransform):
                 | "Write" >> beam.Map(write, beam.pvalue.AsSingleton(self.buckets)))
 
 
+class Stages:
+    """Adds the pipeline's stages; each stage's ``failed`` output is kept for the writer."""
+
+    def __init__(self) -> None:
+        self.rejected: list[beam.PCollection] = []
+
+    def __call__(self, items: beam.PCollection, name: str, dofn: beam.DoFn) -> beam.PCollection:
+        out = items | name >> beam.ParDo(dofn).with_outputs(stages.FAILED, main="ok")
+        self.rejected.append(out[stages.FAILED])
+        return out.ok
+
+    @staticmethod
+    def batches(size: int) -> beam.BatchElements:
+        """Batches of 1..``size`` elements (Beam tunes the size)."""
+        return beam.BatchElements(min_batch_size=1, max_batch_size=size)
+
+
+def outcomes(captioned: beam.PCollection, stage: Stages,
+             plan: Plan) -> tuple[beam.PCollection, beam.PCollection]:
+    """Captioned items → (records, failures) as the writer takes them: the consistency filter if
+    configured, Assemble and the failure budget; every stage's failures; both counted."""
+    config = plan.config
+    if config.consistency is not None:
+        captioned = stage(captioned, "CheckConsistency", stages.CheckConsistency(config))
+    limits = config.limits
+    # The budget watches the model stages' outcomes where they are made (fused with Caption), so a
+    # dead server stops the run after a few batches, not after every input has failed.
+    records = (captioned | "Assemble" >> beam.ParDo(stages.Assemble(config, PIPELINE_VERSION, plan.provenance["segmenter"]))
+               | "FailureBudget" >> beam.ParDo(FailureBudget(
+                   limits.max_transient_fraction, limits.min_samples, limits.window)))
+    failures = (stage.rejected | "AllFailures" >> beam.Flatten()
+                | "FailureOutcomes" >> beam.Map(stages.failure_outcome))
+    records = records | "CountRecords" >> beam.ParDo(progress.CountProgress(plan.output, plan.run_id))
+    failures = failures | "CountFailures" >> beam.ParDo(progress.CountProgress(plan.output, plan.run_id))
+    return records, failures
+
+
+def summarise(facts: list[beam.PCollection], output: str) -> None:
+    """("shard" | "old_shard" | "inputs" | …, value) facts → ``_work/summary.json`` for the driver."""
+    _ = (facts | "AllFacts" >> beam.Flatten()
+         | "Summarise" >> beam.CombineGlobally(finalize.SummaryFn())
+         | "WriteSummary" >> beam.Map(finalize.write_summary, output))
+
+
 def build(pipeline: beam.Pipeline, plan: Plan) -> None:
     """Add the dataset flow to ``pipeline``."""
     config = plan.config
-    rejected: list[beam.PCollection] = []
-
-    def stage(items: beam.PCollection, name: str, dofn: beam.DoFn) -> beam.PCollection:
-        out = items | name >> beam.ParDo(dofn).with_outputs(stages.FAILED, main="ok")
-        rejected.append(out[stages.FAILED])
-        return out.ok
-
-    def batches(size: int) -> beam.BatchElements:
-        return beam.BatchElements(min_batch_size=1, max_batch_size=size)
-
+    stage = Stages()
     refs = pipeline | "ReadInputs" >> ReadInputs(plan.input_spec)
     planned = refs | "PlanInputs" >> PlanInputs(
         plan.output, config.shards.split, config.shards.samples_per_shard,
         plan.layout.buckets if plan.layout else None, plan.prune)
-    rejected.append(planned["failed"])
+    stage.rejected.append(planned["failed"])
     new = planned["new"]
     if config.decode.dedup:
         kept = new | "DropDuplicates" >> DropDuplicates(planned["members"], config.decode.max_bytes)
-        rejected.append(kept["failed"])
+        stage.rejected.append(kept["failed"])
         new = kept["ok"]
     items = stage(new | "Spread" >> beam.Reshuffle(), "ReadImages", stages.ReadImages(config))
     items = stage(items, "DecodeImages", stages.DecodeImages(config))
-    items = stage(items | "BatchForSegment" >> batches(config.batch.segment), "Segment", stages.Segment(config))
+    items = stage(items | "BatchForSegment" >> stage.batches(config.batch.segment), "Segment", stages.Segment(config))
     items = stage(items, "SelectRegions", stages.SelectRegions(config))
     items = stage(items, "RenderPrompts", stages.RenderPrompts(config))
-    items = stage(items | "BatchForCaption" >> batches(config.batch.caption), "Caption", stages.Caption(config))
-    if config.consistency is not None:
-        items = stage(items, "CheckConsistency", stages.CheckConsistency(config))
-    limits = config.limits
-    # The budget watches the model stages' outcomes where they are made (fused with Caption), so a
-    # dead server stops the run after a few batches, not after every input has failed.
-    records = (items | "Assemble" >> beam.ParDo(stages.Assemble(config, PIPELINE_VERSION, plan.provenance["segmenter"]))
-               | "FailureBudget" >> beam.ParDo(FailureBudget(
-                   limits.max_transient_fraction, limits.min_samples, limits.window)))
-    failures = (rejected | "AllFailures" >> beam.Flatten()
-                | "FailureOutcomes" >> beam.Map(stages.failure_outcome))
-    records = records | "CountRecords" >> beam.ParDo(progress.CountProgress(plan.output, plan.run_id))
-    failures = failures | "CountFailures" >> beam.ParDo(progress.CountProgress(plan.output, plan.run_id))
+    items = stage(items | "BatchForCaption" >> stage.batches(config.batch.caption), "Caption", stages.Caption(config))
+    records, failures = outcomes(items, stage, plan)
     _ = ((planned["new"], planned["failed"]) | "ThisRun" >> beam.Flatten()
          | "CountThisRun" >> beam.combiners.Count.Globally()
          | "WriteTotal" >> beam.Map(progress.write_total, plan.output, plan.run_id))
@@ -139,14 +163,11 @@ def build(pipeline: beam.Pipeline, plan: Plan) -> None:
     written = (records, failures) | "WriteShards" >> WriteShards(plan, planned["buckets"], unfinished)
     if plan.prune:
         _ = planned["pruned"] | "DeletePruned" >> beam.Map(finalize.delete_shard, plan.output)
-    facts = [written | "ShardFacts" >> beam.Map(lambda st: ("shard", st)),
-             planned["complete"] | "OldShardFacts" >> beam.Map(lambda st: ("old_shard", st)),
-             planned["present"] | "InputFacts" >> beam.Map(lambda n: ("inputs", n)),
-             planned["vanished"] | "VanishedFacts" >> beam.Map(lambda m: ("vanished", m)),
-             planned["pruned"] | "PrunedFacts" >> beam.Map(lambda s: ("pruned", s))]
-    _ = (facts | "AllFacts" >> beam.Flatten()
-         | "Summarise" >> beam.CombineGlobally(finalize.SummaryFn())
-         | "WriteSummary" >> beam.Map(finalize.write_summary, plan.output))
+    summarise([written | "ShardFacts" >> beam.Map(lambda st: ("shard", st)),
+               planned["complete"] | "OldShardFacts" >> beam.Map(lambda st: ("old_shard", st)),
+               planned["present"] | "InputFacts" >> beam.Map(lambda n: ("inputs", n)),
+               planned["vanished"] | "VanishedFacts" >> beam.Map(lambda m: ("vanished", m)),
+               planned["pruned"] | "PrunedFacts" >> beam.Map(lambda s: ("pruned", s))], plan.output)
 
 
 def unfinished_shards(planned: dict[str, beam.PCollection]) -> beam.PCollection:

@@ -43,25 +43,25 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from annotators.base import CaptionInput, CaptionResult, RegionView, TextOut
 from annotators.registry import build_captioner, build_segmenter
-from pipelines import finalize, progress, stages, writer
+from pipelines import finalize, stages, writer
 from pipelines import layout as lay
-from pipelines.budget import FailureBudget
 from pipelines.build_dataset import (
     Plan,
     RunFailed,
+    Stages,
     WriteShards,
     annotator_provenance,
     beam_counters,
+    outcomes,
     pipeline_options,
+    summarise,
 )
 from pipelines.config import (
-    PIPELINE_VERSION,
     PipelineConfig,
     build_consistency,
     config_from_dict,
@@ -394,54 +394,32 @@ class Job:
 def build(pipeline: beam.Pipeline, job: Job) -> None:
     """Add the recaption flow to ``pipeline``."""
     config, plan = job.plan.config, job.plan
-    rejected: list[beam.PCollection] = []
-
-    def stage(items: beam.PCollection, name: str, dofn: beam.DoFn) -> beam.PCollection:
-        out = items | name >> beam.ParDo(dofn).with_outputs(stages.FAILED, main="ok")
-        rejected.append(out[stages.FAILED])
-        return out.ok
-
-    def batches(size: int) -> beam.BatchElements:
-        return beam.BatchElements(min_batch_size=1, max_batch_size=size)
-
+    stage = Stages()
     read = (pipeline | "Shards" >> beam.Create(job.shards) | "SpreadShards" >> beam.Reshuffle()
             | "ReadPrevious" >> beam.FlatMap(read_previous, job.source, job.changes.retry)
             .with_outputs(stages.FAILED, main="ok"))
-    rejected.append(read[stages.FAILED])
+    stage.rejected.append(read[stages.FAILED])
     items = read.ok | "Spread" >> beam.Reshuffle()
     if job.changes.resegment:
         again, kept = items, None
     else:
         parts = items | "NeedsMasks" >> beam.Partition(lambda item, n: 0 if item.previous["retried"] else 1, 2)
         again, kept = parts[0], parts[1]
-    again = stage(again | "BatchForSegment" >> batches(config.batch.segment), "Segment", stages.Segment(config))
+    again = stage(again | "BatchForSegment" >> stage.batches(config.batch.segment), "Segment", stages.Segment(config))
     again = stage(again, "SelectRegions", stages.SelectRegions(config))
     again = again | "MatchPrevious" >> beam.ParDo(MatchPrevious())
-    if kept is not None:
-        items = (again, kept) | "AllItems" >> beam.Flatten()
-    else:
-        items = again
-    items = stage(items | "BatchForCaption" >> batches(config.batch.caption), "Recaption",
+    items = again if kept is None else (again, kept) | "AllItems" >> beam.Flatten()
+    items = stage(items | "BatchForCaption" >> stage.batches(config.batch.caption), "Recaption",
                   Recaption(config, job.changes.keep_consistency))
-    if config.consistency is not None:
-        items = stage(items, "CheckConsistency", stages.CheckConsistency(config))
-    limits = config.limits
-    records = (items | "Assemble" >> beam.ParDo(stages.Assemble(config, PIPELINE_VERSION, plan.provenance["segmenter"]))
-               | "FailureBudget" >> beam.ParDo(FailureBudget(
-                   limits.max_transient_fraction, limits.min_samples, limits.window)))
-    failures = rejected | "AllFailures" >> beam.Flatten() | "FailureOutcomes" >> beam.Map(stages.failure_outcome)
-    records = records | "CountRecords" >> beam.ParDo(progress.CountProgress(plan.output, plan.run_id))
-    failures = failures | "CountFailures" >> beam.ParDo(progress.CountProgress(plan.output, plan.run_id))
+    records, failures = outcomes(items, stage, plan)
     buckets = pipeline | "Buckets" >> beam.Create([job.layout.buckets])
     nothing = pipeline | "NoUnfinished" >> beam.Create([])
     written = (records, failures) | "WriteShards" >> WriteShards(plan, buckets, nothing)
     inputs = (read.ok | "ItemInputs" >> beam.Map(lambda item: item.ref.key),
               read[stages.FAILED] | "FailedInputs" >> beam.Map(lambda f: f.key))
-    facts = [written | "ShardFacts" >> beam.Map(lambda st: ("shard", st)),
-             inputs | "AllInputs" >> beam.Flatten() | "InputFacts" >> beam.Map(lambda _: ("inputs", 1))]
-    _ = (facts | "AllFacts" >> beam.Flatten()
-         | "Summarise" >> beam.CombineGlobally(finalize.SummaryFn())
-         | "WriteSummary" >> beam.Map(finalize.write_summary, plan.output))
+    summarise([written | "ShardFacts" >> beam.Map(lambda st: ("shard", st)),
+               inputs | "AllInputs" >> beam.Flatten() | "InputFacts" >> beam.Map(lambda _: ("inputs", 1))],
+              plan.output)
 
 
 def arg_parser() -> argparse.ArgumentParser:

@@ -292,7 +292,8 @@ class CheckConsistency(beam.DoFn):
 
         self.scorer = build_consistency(self.config.consistency)
         self.scorer.setup()
-        self.on_gpu = on_gpu(self.scorer.provenance())
+        # the device the model went to (its provenance, with the weights' hash, is the driver's)
+        self.on_gpu = self.scorer.device.startswith("cuda")
 
     def teardown(self) -> None:
         if self.scorer is not None:

@@ -25,7 +25,6 @@ text scores 0.0 (no evidence either way; the text-missing failure belongs to the
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import math
@@ -39,6 +38,7 @@ from PIL import Image
 
 from annotators.base import Annotator
 from annotators.devices import torch_device, valid_device
+from annotators.weights import file_sha256
 from settings import ConfigError, require
 
 if TYPE_CHECKING:
@@ -153,6 +153,7 @@ class ConsistencyScorer(Annotator):
         super().__init__(settings, where)
         self.where = where
         self.backend: _Backend | None = None
+        self.device = ""                     # where setup() put the model ("cpu", "cuda:0", ...)
         self._provenance: dict[str, Any] | None = None
 
     def setup(self) -> None:
@@ -163,6 +164,7 @@ class ConsistencyScorer(Annotator):
         try:
             device = torch_device(s.device)
             self.backend = _OpenClip(s, device) if s.model == "open_clip" else _Trainer(s, device)
+            self.device = str(device)
         except ConfigError as exc:
             raise ConfigError(f"{self.where}.{exc}") from None
         log.info("%s: %s %s on %s (%s)", self.name, s.model, self.backend.arch, device,
@@ -190,7 +192,7 @@ class ConsistencyScorer(Annotator):
                 name = f"{weights.parent.name}/{weights.name}"   # the step-N folder says which one
                 arch, crop = config.model.name, f"trainer:{_trainer_view(config, s.text)}"
             self._provenance = {"name": self.name, "version": self.version, "model": s.model,
-                                "arch": arch, "checkpoint": name, "checkpoint_sha256": _sha256(weights)[:12],
+                                "arch": arch, "checkpoint": name, "checkpoint_sha256": file_sha256(str(weights), f"{self.where}.checkpoint")[:12],
                                 "text": s.text, "crop": crop, "threshold": s.threshold, "action": s.action}
         return dict(self._provenance)
 
@@ -220,14 +222,6 @@ class ConsistencyScorer(Annotator):
             for i, value in zip(chunk, sims, strict=True):
                 scores[i] = float(value)
         return scores
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_inputs(image: np.ndarray, regions: Sequence[RegionText]) -> None:

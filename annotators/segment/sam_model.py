@@ -24,6 +24,7 @@ from segment_anything.modeling import (
 )
 
 from annotators.devices import valid_device
+from annotators.weights import file_sha256
 from annotators.segment.frame import FRAMES
 from settings import ConfigError, require
 
@@ -186,16 +187,7 @@ def read_checkpoint(path: str) -> tuple[bytes, str]:
 
 def hash_checkpoint(path: str) -> str:
     """sha256 of a checkpoint, streamed (for provenance without loading the model)."""
-    from apache_beam.io.filesystems import FileSystems
-
-    digest = hashlib.sha256()
-    try:
-        with FileSystems.open(path) as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"checkpoint: cannot read {path!r} ({exc}); fix the path") from exc
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def load_state_dict(sam: Sam, data: bytes, path: str) -> None:
