@@ -54,13 +54,17 @@ def describe(failures: Iterable[Failure], seen: int, transient: int, limit: floa
             f"shards are kept and only the failed inputs are redone.")
 
 
-def check(recent: "deque[ShardOutcome]", limit: float, min_samples: int) -> str | None:
-    """The stop message if the recent outcomes break the budget, else None."""
+def check(recent: "deque[ShardOutcome]", limit: float, min_samples: int,
+          transient_count: int | None = None) -> str | None:
+    """The stop message if the recent outcomes break the budget, else None. ``transient_count``:
+    how many of ``recent`` are transient, when the caller keeps that count."""
     if len(recent) < min_samples:
         return None
-    transient = [o for o in recent if o.transient]
-    if len(transient) <= limit * len(recent):
+    if transient_count is None:
+        transient_count = sum(1 for o in recent if o.transient)
+    if transient_count <= limit * len(recent):
         return None
+    transient = [o for o in recent if o.transient]
     failures = [f for o in transient for f in o.failures if f.transient]
     return describe(failures, len(recent), len(transient), limit)
 
@@ -72,16 +76,21 @@ class FailureBudget(beam.DoFn):
     def __init__(self, max_fraction: float, min_samples: int, window: int) -> None:
         self.max_fraction, self.min_samples, self.window = max_fraction, min_samples, window
         self.recent: deque[ShardOutcome] = deque(maxlen=window)
+        self.transient_count = 0   # transient outcomes in ``recent`` (no scan per element)
 
     def setup(self) -> None:
         self.recent = deque(maxlen=self.window)
+        self.transient_count = 0
 
     def process(self, outcome: ShardOutcome) -> Iterator[ShardOutcome]:
         slim = ShardOutcome(outcome.key, outcome.shard, None, None, outcome.failures, {})
+        if len(self.recent) == self.recent.maxlen and self.recent[0].transient:
+            self.transient_count -= 1   # the oldest leaves the window
         self.recent.append(slim)
         if outcome.transient:
+            self.transient_count += 1
             Metrics.counter("dataset", "transient").inc()
-        message = check(self.recent, self.max_fraction, self.min_samples)
+        message = check(self.recent, self.max_fraction, self.min_samples, self.transient_count)
         if message is not None:
             raise BudgetExceeded(message)
         yield outcome

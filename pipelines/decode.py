@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -51,8 +52,7 @@ def read_bytes(ref: ImageRef, max_bytes: int) -> tuple[bytes, list[dict[str, Any
     try:
         if loader["kind"] == "tar":
             return _read_member(loader, max_bytes), None
-        with FileSystems.open(loader["path"]) as handle:
-            data = handle.read(max_bytes + 1)
+        data = _read_file(loader["path"], max_bytes)
     except InputError:
         raise
     except Exception as exc:  # missing file, permission, network: all are read failures
@@ -60,6 +60,21 @@ def read_bytes(ref: ImageRef, max_bytes: int) -> tuple[bytes, list[dict[str, Any
     if len(data) > max_bytes:
         raise InputError("too_large", f"more than decode.max_bytes={max_bytes} bytes")
     return data, None
+
+
+def _read_file(path: str, max_bytes: int) -> bytes:
+    """A whole file, at most ``max_bytes + 1`` bytes of it. A local path is read directly (no
+    filesystem lookup, no buffer of ``max_bytes`` allocated); any other through Beam's
+    filesystems, which also undo a compression its name declares."""
+    local = "://" not in path and \
+        CompressionTypes.detect_compression_type(path) == CompressionTypes.UNCOMPRESSED
+    if not local:
+        with FileSystems.open(path) as handle:
+            return handle.read(max_bytes + 1)
+    with open(path, "rb", buffering=0) as handle:
+        if os.fstat(handle.fileno()).st_size > max_bytes:
+            return handle.read(max_bytes + 1)   # too large: the caller refuses it
+        return handle.readall()
 
 
 def _read_member(loader: dict[str, Any], max_bytes: int) -> bytes:

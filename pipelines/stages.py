@@ -347,21 +347,25 @@ class Assemble(beam.DoFn):
         self.config = config
         self.pipeline_version = pipeline_version
         self.segmenter_provenance = segmenter_provenance   # the driver's, if a stage set none
+        self.settings_hash = ""
+
+    def setup(self) -> None:
+        self.settings_hash = self.config.settings_hash()   # once per worker, not per image
 
     def process(self, item: ImageItem) -> Iterator[ShardOutcome]:
         with Meter("assemble") as meter:
             try:
                 record, failures = build_record(item, item.segmenter_provenance or self.segmenter_provenance,
                                                 self.pipeline_version,
-                                                self.config.settings_hash())
+                                                self.settings_hash or self.config.settings_hash())
             except Exception as exc:
                 record, failures = None, [item.fail("assemble", "internal_error", f"{type(exc).__name__}: {exc}")]
         for failure in failures:
             Metrics.counter("failures", f"{failure.stage}.{failure.reason}").inc()
         if record is not None:
             Metrics.counter("dataset", "written").inc()
-            for region in record["regions"]:
-                Metrics.counter("regions", region["level"]).inc()
+            for level, count in Counter(region["level"] for region in record["regions"]).items():
+                Metrics.counter("regions", level).inc(count)
         _record(item, "assemble", meter)
         yield ShardOutcome(item.ref.key, item.ref.shard, record, item.data if record else None,
                            failures, item.timings, item.ref.uri, item.sha256, item.segment_dropped,

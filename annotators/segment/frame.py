@@ -139,12 +139,9 @@ def _rescale_runs(masks: list[dict], src_h: int, src_w: int, height: int,
     The masks' runs are laid end to end, mask ``m``'s columns numbered from ``m * src_w``; the
     output columns of mask ``m`` from ``m * width``, each mask's frame followed by one unused
     pixel so that runs of two masks never touch."""
-    per_mask = rle.runs_many(masks)
-    sizes = np.array([s.size for s, _ in per_mask], np.int64)
-    owner = np.repeat(np.arange(len(masks)), sizes)
+    starts, ends, owner = rle.runs_flat(masks)
     base = owner * (src_h * src_w)
-    starts = np.concatenate([s for s, _ in per_mask]) + base
-    ends = np.concatenate([e for _, e in per_mask]) + base
+    starts, ends = starts + base, ends + base
     first_col, last_col = starts // src_h, (ends - 1) // src_h
     pieces = last_col - first_col + 1                      # a run may continue in the next column
     run = np.repeat(np.arange(starts.size), pieces)
@@ -157,9 +154,9 @@ def _rescale_runs(masks: list[dict], src_h: int, src_w: int, height: int,
     col, top, bottom = col[keep], top[keep], bottom[keep]
     # every source column of every mask that an output column takes, in output order
     source_cols = (np.arange(len(masks))[:, None] * src_w + _nearest_index(src_w, width)[None, :]).ravel()
-    all_cols = np.arange(len(masks) * src_w)
-    lo = np.searchsorted(col, all_cols, "left")
-    per_target = (np.searchsorted(col, all_cols, "right") - lo)[source_cols]
+    per_col = np.bincount(col, minlength=len(masks) * src_w)   # col is sorted: pieces by column
+    lo = np.cumsum(per_col) - per_col
+    per_target = per_col[source_cols]
     piece = np.repeat(lo[source_cols], per_target) + _ranges(per_target)
     target_col = np.repeat(np.arange(len(masks) * width), per_target)
     mask_of = target_col // width
@@ -171,10 +168,17 @@ def _rescale_runs(masks: list[dict], src_h: int, src_w: int, height: int,
         run_starts, run_mask = run_starts[np.concatenate(([True], ~joined))], \
             run_mask[np.concatenate(([True], ~joined))]
         run_ends = run_ends[np.concatenate((~joined, [True]))]
-    cuts = np.searchsorted(run_mask, np.arange(1, len(masks)))
+    # each mask's counts: zeros before its first run, then run, gap, run, …, and the zeros after
+    # its last run; computed for all masks at once, then cut per mask
+    local = run_mask * stride
+    edges = np.empty(2 * run_starts.size, np.int64)
+    edges[0::2], edges[1::2] = run_starts - local, run_ends - local
+    steps = np.diff(edges, prepend=0)
+    first = np.searchsorted(run_mask, np.arange(len(masks) + 1))   # each mask's runs: first[m]:first[m+1]
+    starts_at = 2 * first[:-1][first[:-1] < first[1:]]
+    steps[starts_at] = edges[starts_at]                     # a mask's first run counts from 0
+    flat, ends, frame = steps.tolist(), edges.tolist(), height * width
     counts = []
-    for m, (s, e) in enumerate(zip(np.split(run_starts, cuts), np.split(run_ends, cuts))):
-        local = m * stride
-        bounds = np.concatenate(([0], np.stack([s - local, e - local], 1).ravel(), [height * width]))
-        counts.append(np.diff(bounds).tolist())
+    for a, b in zip((2 * first[:-1]).tolist(), (2 * first[1:]).tolist()):
+        counts.append(flat[a:b] + [frame - ends[b - 1]] if b > a else [frame])
     return counts
