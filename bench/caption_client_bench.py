@@ -1,8 +1,12 @@
 """Throughput and client CPU of VllmChatClient against a local server with a fixed latency, and
 the caption engine's CPU to render and encode a region request's images, from the same run.
 
-The server (tests/fault_server.py, no faults) runs in a child process, so the CPU time measured
-here is the client's alone. With ``in_flight`` requests outstanding and a server answering each
+The server runs in a child process, so the CPU time measured here is the client's alone. By
+default it is ``bench/lean_server.py``, which answers without parsing the request (~0.1 ms of
+CPU per request): the fault server (``--server fault``, tests/fault_server.py) spends about a
+millisecond per request in aiohttp's handlers and JSON, so at 2,560 requests/s on a 2-core
+machine it needs a core of its own and the figure would measure the server. The server's CPU per
+request is in the report (``server_cpu_per_request_ms``). With ``in_flight`` requests outstanding and a server answering each
 after ``latency_ms``, the ideal rate is in_flight / latency; the report gives the achieved share
 of it (``efficiency``) and the client's process CPU time per request
 (``client_cpu_ms_per_request``, also ``cpu_per_request_ms``).
@@ -19,7 +23,8 @@ rendering: what the CPUs spend on one region request.
 
 Targets: >= 90 % of ideal; client <= 1 ms CPU per request; rendering <= 12 ms; sum <= 13 ms.
 
-    python bench/caption_client_bench.py --requests 5000 --in-flight 256 --latency-ms 100
+    python bench/caption_client_bench.py --requests 5000 --in-flight 256 --latency-ms 100 \
+        [--transport direct|aiohttp|httpx] [--server lean|fault]
     python bench/caption_client_bench.py --smoke --json /tmp/smoke.json
 
 ``--baseline-aiohttp`` also times a bare aiohttp loop posting the same bodies: the floor for
@@ -46,6 +51,8 @@ if str(ROOT) not in sys.path:
 from annotators.base import AnnotatorFailure  # noqa: E402
 from annotators.caption.backends.openai_api.client import VllmChatClient  # noqa: E402
 from annotators.caption.backends.openai_api.messages import ChatRequest  # noqa: E402
+from annotators.caption.backends.openai_api.settings import ClientSettings  # noqa: E402
+from bench.lean_server import LeanServer  # noqa: E402
 from tests.fault_server import FaultConfig, ProcessFaultServer, start_in_process  # noqa: E402
 
 log = logging.getLogger("caption_client_bench")
@@ -181,7 +188,8 @@ def summarize(args: argparse.Namespace, timing: dict[str, Any],
     total_ms = cpu_ms + render_ms
     return {
         "requests": args.requests, "in_flight": args.in_flight, "latency_ms": args.latency_ms,
-        "transport": args.transport, "image_side": args.image_side,
+        "transport": args.transport, "server": args.server, "jitter": args.jitter,
+        "image_side": args.image_side,
         "wall_s": round(timing["wall_s"], 3), "rps": round(rps, 1), "ideal_rps": round(ideal, 1),
         "efficiency": round(rps / ideal, 4), "cpu_per_request_ms": round(cpu_ms, 4),
         "client_cpu_ms_per_request": round(cpu_ms, 4),
@@ -223,7 +231,7 @@ def render(report: dict[str, Any]) -> str:
     met, render = report["met"], report["render"]
     lines = [
         f"requests {report['requests']}  in flight {report['in_flight']}  "
-        f"server latency {report['latency_ms']} ms  transport {report['transport']}",
+        f"server latency {report['latency_ms']} ms ({report['server']})  transport {report['transport']}",
         f"achieved {report['rps']:.0f} req/s of ideal {report['ideal_rps']:.0f} "
         f"= {report['efficiency']:.1%} (target >= {TARGET_EFFICIENCY:.0%}: "
         f"{'met' if met['efficiency'] else 'NOT met'})",
@@ -257,7 +265,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--in-flight", type=int, default=256)
     parser.add_argument("--latency-ms", type=float, default=100.0)
-    parser.add_argument("--transport", choices=["aiohttp", "httpx", "direct"], default="aiohttp")
+    parser.add_argument("--transport", choices=["aiohttp", "httpx", "direct"],
+                        default=ClientSettings.__dataclass_fields__["transport"].default,
+                        help="the client's transport (default: the client's default)")
+    parser.add_argument("--server", choices=["lean", "fault"], default="lean",
+                        help="lean: bench/lean_server.py; fault: tests/fault_server.py")
+    parser.add_argument("--jitter", type=float, default=0.0,
+                        help="lean server: each latency uniform in latency x [1 - j, 1 + j] (mean unchanged)")
     parser.add_argument("--image-side", type=int, default=0,
                         help="also send a shared N x N JPEG with every request (0: none)")
     parser.add_argument("--baseline-aiohttp", action="store_true")
@@ -281,8 +295,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Start the server process, time the client (and the baseline); then, the server stopped,
     time the rendering; build the report."""
-    config = FaultConfig(latency_s=args.latency_ms / 1000, record=False)
-    with start_in_process(config) as server:
+    if args.server == "lean":
+        serving: Any = LeanServer(args.latency_ms, jitter=args.jitter)
+    else:
+        serving = start_in_process(FaultConfig(latency_s=args.latency_ms / 1000, record=False))
+    with serving as server:
         timing = time_client(server, args)
         baseline = time_baseline(server, args) if args.baseline_aiohttp else None
     report = summarize(args, timing, time_rendering(args))

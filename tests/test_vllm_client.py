@@ -173,19 +173,22 @@ def test_requests_spread_over_healthy_endpoints() -> None:
 # --------------------------------------------------------------------------- secrets
 
 
+@pytest.mark.parametrize("transport", ["aiohttp", "direct"])
 def test_api_key_from_env_sent_as_bearer_and_never_exposed(server: Any, monkeypatch: Any,
-                                                           caplog: Any) -> None:
+                                                           caplog: Any, transport: str) -> None:
     secret = "sk-test-" + "".join(random.choice("abcdef0123456789") for _ in range(24))
     monkeypatch.setenv("TEST_VLLM_KEY", secret)
     caplog.set_level(logging.DEBUG)
     for name in ("openai", "httpx2", "aiohttp", "annotators.caption.backends"):
         caplog.set_level(logging.DEBUG, logger=name)
-    client = make_client([server.base_url], api_key_env="TEST_VLLM_KEY", quiet_http_logs=False)
+    client = make_client([server.base_url], api_key_env="TEST_VLLM_KEY", quiet_http_logs=False,
+                         transport=transport)
     results = client.run_many([text_request("ok"), text_request("[[fault:http_400]]"),
                                text_request("[[fault:http_503:1]]")])
     client.teardown()
     assert {r.headers.get("Authorization") for r in server.requests} == {f"Bearer {secret}"}
-    assert "HTTP Request: POST" in caplog.text and "Building HTTP request" in caplog.text
+    if transport == "aiohttp":   # the SDK logs every request at DEBUG: the check below reads them
+        assert "HTTP Request: POST" in caplog.text and "Building HTTP request" in caplog.text
     exposed = [repr(client), str(client), json.dumps(client.provenance()), caplog.text,
                repr(results), repr(client.settings), repr(client.metrics)]
     assert not any(secret in text for text in exposed)
@@ -436,3 +439,31 @@ def test_benchmark_smoke_report_fields(tmp_path: Path) -> None:
     assert report["sum_ms_per_region_request"] == pytest.approx(
         report["client_cpu_ms_per_request"] + report["render_ms_per_region_request"], abs=1e-3)
     assert report["environment"]["cpus"] >= 1 and report["environment"]["python"]
+
+
+# --------------------------------------------------------------------------- proxies
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "direct"])
+def test_every_transport_honours_proxy_variables(server: Any, transport: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP_PROXY routes requests through the proxy (here the fault server, which answers an
+    absolute-form request line like any other), and NO_PROXY exempts a host, for the default
+    transport as for the SDK's."""
+    assert ClientSettings(model="m").transport == "direct"   # the default
+    for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.base_url.rsplit("/v1", 1)[0])
+    # a host that does not resolve: only the proxy can answer for it
+    client = make_client(["http://captions.invalid/v1"], transport=transport, max_retries=0)
+    before = server.app.n_requests
+    result = client.run_many([text_request("through the proxy", "r0")])[0]
+    client.teardown()
+    assert isinstance(result, ChatAnswer), result
+    assert server.app.n_requests == before + 1
+    monkeypatch.setenv("NO_PROXY", "captions.invalid")
+    client = make_client(["http://captions.invalid/v1"], transport=transport, max_retries=0)
+    result = client.run_many([text_request("not through the proxy", "r1")])[0]
+    client.teardown()
+    assert isinstance(result, AnnotatorFailure) and result.reason == "connection", result
+    assert server.app.n_requests == before + 1

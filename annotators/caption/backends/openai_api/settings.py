@@ -24,10 +24,11 @@ class ClientSettings:
     balance: Literal["least_in_flight", "round_robin"] = "least_in_flight"
     endpoint_fail_threshold: int = 3        # consecutive transport failures before a cooldown
     endpoint_cooldown_s: float = 10.0
-    # "aiohttp": AsyncOpenAI over the SDK's aiohttp transport (default); "httpx": the SDK's
-    # default transport; "direct": the same requests on a bare aiohttp session, for the highest
-    # request rates (about a third of the client CPU per request; see bench/caption_client_bench.py).
-    transport: Literal["aiohttp", "httpx", "direct"] = "aiohttp"
+    # "direct": the OpenAI chat-completions call on a bare aiohttp session (default: about a
+    # third of the SDK's client CPU per request; see bench/caption_client_bench.py); "aiohttp":
+    # AsyncOpenAI over the SDK's aiohttp transport; "httpx": the SDK's default transport. All
+    # three honour HTTP(S)_PROXY / NO_PROXY.
+    transport: Literal["aiohttp", "httpx", "direct"] = "direct"
     quiet_http_logs: bool = True            # raise the httpx2 logger (INFO per request) to WARNING
     timeout_s: float = 120.0                # per attempt
     max_retries: int = 4                    # retries of transient faults (after the 1st try)

@@ -65,9 +65,10 @@ class _DirectClient:
         self._aiohttp = aiohttp
         self._url = url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        # trust_env: HTTP(S)_PROXY / NO_PROXY (and .netrc) apply, as they do for the SDK's clients
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=settings.max_in_flight, limit_per_host=0),
-            timeout=aiohttp.ClientTimeout(total=settings.timeout_s))
+            timeout=aiohttp.ClientTimeout(total=settings.timeout_s), trust_env=True)
 
     async def post(self, path: str, content: bytes, cast_to: Any = None) -> _DirectResponse:
         """POST ``content`` (a JSON body) to ``path``; the raw answer, or an exception."""
