@@ -503,8 +503,9 @@ def test_within_budget_the_sent_prompt_is_the_stored_size_render(kind: str) -> N
     image, mask, bbox = big_case()
     prompts = ImagePrompts(image, png_options(image.shape[0] * image.shape[1]))
     expected = pixels(render(kind, image, mask, bbox))
-    if kind == "alpha":     # an alpha prompt gets a quarter of the budget: compare unbudgeted
-        prompts = ImagePrompts(image, png_options(4 * image.shape[0] * image.shape[1]))
+    if kind == "alpha":     # an alpha prompt gets a share of the budget: compare unbudgeted
+        share = ImageOptions.ALPHA_BUDGET_SHARE
+        prompts = ImagePrompts(image, png_options(share * image.shape[0] * image.shape[1]))
     assert np.array_equal(sent(prompts, kind, mask, bbox), expected)
 
 
@@ -560,7 +561,7 @@ def test_alpha_channel_is_the_resized_mask() -> None:
     image, mask, bbox = big_case()
     window = crop_box(bbox, 160, 240)
     x0, y0, x1, y1 = window
-    options = ImageOptions(max_pixels=(x1 - x0) * (y1 - y0))  # alpha: a quarter of it
+    options = ImageOptions(max_pixels=(x1 - x0) * (y1 - y0))  # alpha: a share of it
     prompts = ImagePrompts(image, options)
     encoded = prompts.prompt("alpha", mask, bbox)
     assert encoded.format == "WEBP"
@@ -574,6 +575,25 @@ def test_alpha_channel_is_the_resized_mask() -> None:
     wsize = fit_to_pixels(240, 160, options.prompt_max_pixels(alpha=True))
     assert np.array_equal(pixels(whole)[..., 3],
                           np.where(nearest(mask, (0, 0, 240, 160), wsize), 255, 0))
+
+
+def test_alpha_prompt_as_webp_keeps_the_context_under_the_transparent_pixels() -> None:
+    """The alpha kind sends the context crop with the region as its alpha channel: the colour
+    outside the region is the crop's (within WebP's loss), not a fill the encoder chose."""
+    yy, xx = np.mgrid[:160, :240]
+    image = np.stack([xx, yy + 40, (xx + yy) // 2], -1).astype(np.uint8)   # smooth: little loss
+    mask = ((yy - 70) / 30.0) ** 2 + ((xx - 130) / 50.0) ** 2 <= 1
+    bbox = tight_bbox(mask)
+    prompts = ImagePrompts(image, ImageOptions(max_pixels=10 * 240 * 160))
+    encoded = prompts.prompt("alpha", mask, bbox)
+    assert encoded.format == "WEBP"
+    x0, y0, x1, y1 = crop_box(bbox, 160, 240)
+    got = pixels(Image.open(io.BytesIO(encoded.data)))
+    assert got.shape == (y1 - y0, x1 - x0, 4)
+    outside = got[..., 3] == 0
+    assert outside.sum() > 1000
+    error = np.abs(got[..., :3].astype(int) - image[y0:y1, x0:x1].astype(int))[outside]
+    assert error.mean() < 4 and np.percentile(error, 99) < 16
 
 
 def test_highlight_keeps_the_region_and_dims_the_rest_at_the_model_size() -> None:

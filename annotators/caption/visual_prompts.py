@@ -58,8 +58,9 @@ Bounds = tuple[int, int, int, int]
 Drawn = tuple[Image.Image, Offset]
 
 # 2: drawn at the model's input size (not drawn at the stored size and shrunk by the backend)
-# and sent as JPEG / WebP instead of PNG.
-VERSION = "2"
+# and sent as JPEG / WebP instead of PNG. 3: an alpha prompt sent as WebP keeps the colour
+# under its transparent pixels (the context), at a sixth of the pixel budget.
+VERSION = "3"
 RED: Color = (255, 0, 0)
 GREY: Color = (128, 128, 128)
 MARGIN = 0.25
