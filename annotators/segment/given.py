@@ -114,15 +114,14 @@ class GivenSegmenter(Segmenter):
                           for m, s, label in _coco_masks(given["coco"], given.get("image_id"), limit)]
         dropped: dict[str, int] = {}
         stored = frame.masks([m[0] for m in masks], self.settings.frame)
-        for encoded, (_, scores, label, source) in zip(stored, masks, strict=True):
-            area = rle.area(encoded)
+        areas, boxes = rle.areas_and_bboxes(stored)
+        for encoded, area, box, (_, scores, label, source) in zip(stored, areas, boxes, masks, strict=True):
             if area == 0:
                 dropped["empty_mask"] = dropped.get("empty_mask", 0) + 1
                 continue
-            candidates.append(Candidate(rle.bbox(encoded), float(area), encoded, scores, source, label))
+            candidates.append(Candidate(box, float(area), encoded, scores, source, label))
             if self.settings.boxes_from_masks:
-                box = rle.bbox(encoded)
-                candidates.append(Candidate(box, box[2] * box[3], None, scores, source + ":box", label))
+                candidates.append(Candidate(list(box), box[2] * box[3], None, scores, source + ":box", label))
         if self.settings.use_boxes:
             labels = given.get("labels") or [None] * len(given.get("boxes", []))
             for box, label in zip(given.get("boxes", []), labels):
