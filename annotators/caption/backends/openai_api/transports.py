@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
@@ -65,17 +67,17 @@ class _DirectClient:
         self._aiohttp = aiohttp
         self._url = url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-        # trust_env: HTTP(S)_PROXY / NO_PROXY (and .netrc) apply, as they do for the SDK's clients
+        self._proxy = env_proxy(self._url)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=settings.max_in_flight, limit_per_host=0),
-            timeout=aiohttp.ClientTimeout(total=settings.timeout_s), trust_env=True)
+            timeout=aiohttp.ClientTimeout(total=settings.timeout_s))
 
     async def post(self, path: str, content: bytes, cast_to: Any = None) -> _DirectResponse:
         """POST ``content`` (a JSON body) to ``path``; the raw answer, or an exception."""
         aiohttp = self._aiohttp
         try:
-            async with self._session.post(self._url + path, data=content,
-                                          headers=self._headers) as response:
+            async with self._session.post(self._url + path, data=content, headers=self._headers,
+                                          proxy=self._proxy) as response:
                 content = await response.read()
                 if response.status >= 400:
                     raise DirectStatusError(response.status, dict(response.headers),
@@ -91,6 +93,18 @@ class _DirectClient:
     async def close(self) -> None:
         """Close the session and its connections."""
         await self._session.close()
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy HTTP(S)_PROXY / ALL_PROXY name for ``url``, None where there is none or NO_PROXY
+    exempts its host: as the SDK's clients pick it, decided once per endpoint (aiohttp's
+    ``trust_env`` decides it per request, in a thread: a third of the client's CPU here)."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass_environment(parts.hostname or "", proxies):
+        return None
+    return proxy
 
 
 def _json_or_none(content: bytes) -> Any:
