@@ -467,3 +467,24 @@ def test_every_transport_honours_proxy_variables(server: Any, transport: str,
     client.teardown()
     assert isinstance(result, AnnotatorFailure) and result.reason == "connection", result
     assert server.app.n_requests == before + 1
+
+
+def test_run_many_keeps_a_bounded_number_of_requests_under_way() -> None:
+    """A batch of many requests is worked through by at most 2 × max_in_flight coroutines, in
+    input order, not turned into one live task per request."""
+    client = make_client(["http://127.0.0.1:9/v1"], max_in_flight=3)
+    live = peak = 0
+
+    async def fake_chat(request: ChatRequest) -> Any:
+        nonlocal live, peak
+        live += 1
+        peak = max(peak, live)
+        await asyncio.sleep(0.001 * (int(request.region_id[1:]) % 3))
+        live -= 1
+        return request.region_id
+
+    client.chat = fake_chat  # type: ignore[method-assign]
+    out = client.run_many([text_request("x", f"r{i}") for i in range(500)])
+    client.teardown()
+    assert out == [f"r{i}" for i in range(500)]
+    assert peak == 6

@@ -239,7 +239,19 @@ class VllmChatClient(Backend):
         return self._runner.run(self._gather(list(requests)))
 
     async def _gather(self, requests: list[ChatRequest]) -> list[ChatResult]:
-        return list(await asyncio.gather(*(self.chat(r) for r in requests)))
+        """``chat`` of each request, in input order. At most 2 × ``max_in_flight`` are under way
+        at once (the semaphore bounds what is on the wire; the others keep it full while some
+        back off): a batch of thousands of requests does not become thousands of live tasks,
+        which would cost the garbage collector more CPU than the requests themselves."""
+        results: list[Any] = [None] * len(requests)
+        order = iter(range(len(requests)))
+
+        async def worker() -> None:
+            for i in order:   # shared: each index is taken by one worker
+                results[i] = await self.chat(requests[i])
+
+        await asyncio.gather(*(worker() for _ in range(min(len(requests), 2 * self.settings.max_in_flight))))
+        return results
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         """Ask one chat completion: a ChatAnswer, or an AnnotatorFailure with a reason.
