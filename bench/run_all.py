@@ -95,7 +95,7 @@ def embedded(work: Path, smoke: bool) -> list[dict[str, Any]]:
 def client(work: Path, smoke: bool) -> list[dict[str, Any]]:
     out, sdk_out, jitter_out = work / "client.json", work / "client-sdk.json", work / "client-jitter.json"
     args = ["--smoke"] if smoke else ["--requests", "5000", "--in-flight", "256", "--latency-ms", "100"]
-    r = _run("caption_client_bench.py", [*args, "--json", str(out)], out)
+    r = _run("caption_client_bench.py", [*args, "--baseline-aiohttp", "--json", str(out)], out)
     # the same load through the SDK transport, and with answers spread over 50-150 ms (no
     # lockstep waves of 256 answers in the same millisecond): rendering measured once is enough
     quick = ["--render-repeat", "1", "--render-masks", "1"]
@@ -106,10 +106,12 @@ def client(work: Path, smoke: bool) -> list[dict[str, Any]]:
                  r["efficiency"], r["met"]["efficiency"], "",
                  f"{r.get('requests', '')} requests, transport {r['transport']} (default), {r['server']} server "
                  f"({r['server_cpu_per_request_ms']} ms CPU/request); latency 50-150 ms: {spread['efficiency']}; "
-                 f"SDK transport: {sdk['efficiency']}"),
+                 f"SDK transport: {sdk['efficiency']}; a bare aiohttp loop, same server: "
+                 f"{round(r['baseline_aiohttp']['rps'] / r['ideal_rps'], 4)}"),
             _row("P3 caption client CPU per request (without prompt rendering)", "<= 1 ms",
                  r["cpu_per_request_ms"], r["met"]["cpu_per_request_ms"], "ms",
-                 f"transport {r['transport']}; SDK transport {sdk['cpu_per_request_ms']} ms")]
+                 f"transport {r['transport']}; SDK transport {sdk['cpu_per_request_ms']} ms; bare aiohttp loop "
+                 f"{round(r['baseline_aiohttp']['cpu_per_request_ms'], 3)} ms")]
     render = r.get("render_ms_per_region_request")
     if render is not None:
         rows.append(_row("P3 client + prompt rendering CPU per region request", "<= 13 ms",
