@@ -17,13 +17,15 @@ import argparse
 import asyncio
 import json
 import random
-import select
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
-from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.fault_server import ChildServer  # noqa: E402
 
 CAPTION = "A red car stands next to a green bench, lit from the left; the background is grey."
 
@@ -128,54 +130,13 @@ async def _serve(latency_s: float, model: str, jitter: float) -> None:
     listener.close()
 
 
-class LeanServer:
-    """The server in a child process (its CPU is not the caller's); the same interface as the
-    fault server's ``ProcessFaultServer`` (``base_url``, ``stats()["cpu_s"]``, ``stop``)."""
+class LeanServer(ChildServer):
+    """The server in a child process (its CPU is not the caller's): ``base_url``,
+    ``stats()["cpu_s"]``, ``start``/``stop`` or a ``with`` block."""
 
     def __init__(self, latency_ms: float, model: str = "fake-vlm", jitter: float = 0.0) -> None:
-        self.latency_ms, self.model, self.jitter, self.port = latency_ms, model, jitter, 0
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self, timeout_s: float = 30.0) -> LeanServer:
-        self._process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--latency-ms", str(self.latency_ms),
-             "--model", self.model, "--jitter", str(self.jitter)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert self._process.stdout is not None
-        ready, _, _ = select.select([self._process.stdout], [], [], timeout_s)
-        line = self._process.stdout.readline() if ready else b""
-        if not line.strip().isdigit():
-            self.stop()
-            raise RuntimeError("lean server did not start in time")
-        self.port = int(line)
-        return self
-
-    def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=10) as resp:
-            return json.loads(resp.read())
-
-    def stop(self) -> None:
-        if self._process is None:
-            return
-        if self._process.stdin is not None:
-            self._process.stdin.close()
-        try:
-            self._process.wait(10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait(5)
-        if self._process.stdout is not None:
-            self._process.stdout.close()
-        self._process = None
-
-    def __enter__(self) -> LeanServer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        super().__init__([str(Path(__file__).resolve()), "--latency-ms", str(latency_ms),
+                          "--model", model, "--jitter", str(jitter)])
 
 
 def main(argv: list[str] | None = None) -> None:

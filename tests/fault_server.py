@@ -446,15 +446,13 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
-class ProcessFaultServer:
-    """A FaultServer in a child Python process (so its CPU time is not counted as the caller's).
+class ChildServer:
+    """A server in a child Python process (so its CPU time is not counted as the caller's), run
+    as ``python <args>``: the child prints its port on stdout and stops when its stdin closes,
+    so it also ends when the parent dies. ``GET /stats`` answers its counters."""
 
-    The child prints its port on stdout and stops when its stdin closes, so it also ends when
-    the parent dies.
-    """
-
-    def __init__(self, config: FaultConfig) -> None:
-        self.config = config
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -463,22 +461,21 @@ class ProcessFaultServer:
         """The OpenAI base URL of this server."""
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self, timeout_s: float = 30.0) -> ProcessFaultServer:
+    def start(self, timeout_s: float = 30.0) -> ChildServer:
         """Start the process and wait until it listens."""
-        args = [sys.executable, str(Path(__file__).resolve()), "--config",
-                json.dumps(dataclasses.asdict(self.config))]
-        self._process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._process = subprocess.Popen([sys.executable, *self.args], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE)
         assert self._process.stdout is not None
         ready, _, _ = select.select([self._process.stdout], [], [], timeout_s)
         line = self._process.stdout.readline() if ready else b""
         if not line.strip().isdigit():
             self.stop()
-            raise RuntimeError("fault server process did not start in time")
+            raise RuntimeError(f"server process {self.args[0]} did not start in time")
         self.port = int(line)
         return self
 
     def stats(self) -> dict[str, Any]:
-        """Request count and fault counts seen by the server so far (GET /stats)."""
+        """The server's counters so far (GET /stats)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=10) as resp:
             return json.loads(resp.read())
 
@@ -496,6 +493,21 @@ class ProcessFaultServer:
         if self._process.stdout is not None:
             self._process.stdout.close()
         self._process = None
+
+    def __enter__(self) -> ChildServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class ProcessFaultServer(ChildServer):
+    """A FaultServer in a child process (request count and fault counts in ``stats()``)."""
+
+    def __init__(self, config: FaultConfig) -> None:
+        super().__init__([str(Path(__file__).resolve()), "--config",
+                          json.dumps(dataclasses.asdict(config))])
+        self.config = config
 
 
 @contextmanager
