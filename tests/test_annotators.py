@@ -81,6 +81,25 @@ def test_given_rescales_to_the_stored_image() -> None:
     assert box_c.rle is None and box_c.bbox == [15.0, 5.0, 10.0, 5.0]
 
 
+def test_given_many_masks_keep_each_masks_area_and_box() -> None:
+    """300 masks of one image (pycocotools counts a list's areas in a uint8): each candidate's
+    area and box are its own stored mask's."""
+    rng = np.random.default_rng(3)
+    given = []
+    for i in range(300):
+        mask = np.zeros((40, 60), bool)
+        y, x = rng.integers(0, 36), rng.integers(0, 56)
+        mask[y:y + 1 + i % 4, x:x + 1 + i % 5] = True
+        given.append(masks.encode(mask))
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    out = GivenSegmenter({"boxes_from_masks": False}).segment_batch(
+        [SegmentInput("k", rgb, {"masks": given, "original_size": (40, 60)})])[0]
+    kept = [c for c in out.candidates if c.rle is not None]
+    assert len(kept) + out.dropped.get("empty_mask", 0) == 300 and len(kept) > 200
+    assert [c.area for c in kept] == [float(masks.area(c.rle)) for c in kept]
+    assert [c.bbox for c in kept] == [masks.bbox(c.rle) for c in kept]
+
+
 def _drawn_resize(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     """The reference: draw the mask and resize it with Pillow's NEAREST."""
     from PIL import Image

@@ -114,7 +114,7 @@ class GivenSegmenter(Segmenter):
                           for m, s, label in _coco_masks(given["coco"], given.get("image_id"), limit)]
         dropped: dict[str, int] = {}
         stored = frame.masks([m[0] for m in masks], self.settings.frame)
-        areas, boxes = rle.areas_and_bboxes(stored)
+        areas, boxes = rle.areas(stored), rle.bboxes(stored)
         for encoded, area, box, (_, scores, label, source) in zip(stored, areas, boxes, masks, strict=True):
             if area == 0:
                 dropped["empty_mask"] = dropped.get("empty_mask", 0) + 1

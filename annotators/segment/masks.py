@@ -26,17 +26,6 @@ def bbox(rle: dict) -> list[float]:
     return [float(v) for v in mask_utils.toBbox(_coco(rle))]
 
 
-def areas_and_bboxes(rles: list[dict]) -> tuple[list[int], list[list[float]]]:
-    """``area`` and ``bbox`` of many RLEs, one pycocotools call each (per mask, the call's
-    overhead is most of the cost)."""
-    if not rles:
-        return [], []
-    coco = [_coco(r) for r in rles]
-    areas = np.asarray(mask_utils.area(coco)).reshape(-1).tolist()
-    boxes = np.asarray(mask_utils.toBbox(coco), float).reshape(-1, 4).tolist()
-    return [int(a) for a in areas], boxes
-
-
 def iou(a: list[dict], b: list[dict]) -> np.ndarray:
     """Pairwise mask IoU matrix (len(a), len(b))."""
     if not a or not b:
