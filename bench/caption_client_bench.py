@@ -2,11 +2,11 @@
 the caption engine's CPU to render and encode a region request's images, from the same run.
 
 The server runs in a child process, so the CPU time measured here is the client's alone. By
-default it is ``bench/lean_server.py``, which answers without parsing the request (~0.1 ms of
-CPU per request): the fault server (``--server fault``, tests/fault_server.py) spends about a
-millisecond per request in aiohttp's handlers and JSON, so at 2,560 requests/s on a 2-core
-machine it needs a core of its own and the figure would measure the server. The server's CPU per
-request is in the report (``server_cpu_per_request_ms``). With ``in_flight`` requests outstanding and a server answering each
+default it is ``bench/lean_server.py``, which answers without parsing the request (~0.04 ms
+of CPU per request): the fault server (``--server fault``, tests/fault_server.py) spends ~0.25 ms
+per request in aiohttp's handlers and JSON, and at 2,560 requests/s on a 2-core machine it
+competes with the client for the cores. The server's CPU per request is in the report
+(``server_cpu_per_request_ms``). With ``in_flight`` requests outstanding and a server answering each
 after ``latency_ms``, the ideal rate is in_flight / latency; the report gives the achieved share
 of it (``efficiency``) and the client's process CPU time per request
 (``client_cpu_ms_per_request``, also ``cpu_per_request_ms``).

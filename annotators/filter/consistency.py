@@ -192,7 +192,8 @@ class ConsistencyScorer(Annotator):
                 name = f"{weights.parent.name}/{weights.name}"   # the step-N folder says which one
                 arch, crop = config.model.name, f"trainer:{_trainer_view(config, s.text)}"
             self._provenance = {"name": self.name, "version": self.version, "model": s.model,
-                                "arch": arch, "checkpoint": name, "checkpoint_sha256": file_sha256(str(weights), f"{self.where}.checkpoint")[:12],
+                                "arch": arch, "checkpoint": name,
+                                "checkpoint_sha256": file_sha256(str(weights), f"{self.where}.checkpoint")[:12],
                                 "text": s.text, "crop": crop, "threshold": s.threshold, "action": s.action}
         return dict(self._provenance)
 
