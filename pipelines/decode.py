@@ -72,8 +72,8 @@ def _read_file(path: str, max_bytes: int) -> bytes:
         with FileSystems.open(path) as handle:
             return handle.read(max_bytes + 1)
     with open(path, "rb", buffering=0) as handle:
-        if os.fstat(handle.fileno()).st_size > max_bytes:
-            return handle.read(max_bytes + 1)   # too large: the caller refuses it
+        if os.fstat(handle.fileno()).st_size > max_bytes:   # refused without reading it
+            raise InputError("too_large", f"more than decode.max_bytes={max_bytes} bytes")
         return handle.readall()
 
 
