@@ -510,14 +510,9 @@ class ProcessFaultServer(ChildServer):
         self.config = config
 
 
-@contextmanager
-def start_in_process(config: FaultConfig) -> Iterator[ProcessFaultServer]:
-    """Run a FaultServer in a child process for the duration of the block."""
-    server = ProcessFaultServer(config).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def start_in_process(config: FaultConfig) -> ProcessFaultServer:
+    """A FaultServer in a child process, running for the duration of a ``with`` block."""
+    return ProcessFaultServer(config)
 
 
 def _serve_until_stdin_closes(config: FaultConfig) -> None:
