@@ -30,8 +30,8 @@ from tests.fault_server import ChildServer  # noqa: E402
 CAPTION = "A red car stands next to a green bench, lit from the left; the background is grey."
 
 
-def _response(body: bytes, status: str = "200 OK") -> bytes:
-    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+def _response(body: bytes) -> bytes:
+    return (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             f"\r\n").encode() + body
 
 
