@@ -265,7 +265,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--in-flight", type=int, default=256)
     parser.add_argument("--latency-ms", type=float, default=100.0)
-    parser.add_argument("--transport", choices=["aiohttp", "httpx", "direct"],
+    parser.add_argument("--transport", choices=["asyncio", "direct", "aiohttp", "httpx"],
                         default=ClientSettings.__dataclass_fields__["transport"].default,
                         help="the client's transport (default: the client's default)")
     parser.add_argument("--server", choices=["lean", "fault"], default="lean",

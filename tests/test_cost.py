@@ -53,7 +53,7 @@ def test_call_cost_counts_usage_and_keeps_missing_usage_unknown() -> None:
     assert tuple(other.as_dict()) == COST_FIELDS
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "direct"])
+@pytest.mark.parametrize("transport", ["asyncio", "direct", "aiohttp"])
 def test_client_counts_what_the_server_saw_and_reported(transport: str) -> None:
     """Calls (retries included, failed ones apart), request body bytes, tokens summed from
     ``usage``, and completions without usage counted as such, never as zero tokens."""

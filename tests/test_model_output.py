@@ -86,7 +86,7 @@ def server() -> Iterator[FaultServer]:
 # --------------------------------------------------------------------------- the client
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "direct"])
+@pytest.mark.parametrize("transport", ["asyncio", "direct", "aiohttp"])
 def test_each_hostile_answer_is_bounded_cleaned_or_rejected(server: FaultServer,
                                                            transport: str) -> None:
     assert set(OUTCOMES) == set(HOSTILE)

@@ -65,7 +65,7 @@ def server() -> Iterator[FaultServer]:
 # --------------------------------------------------------------------------- faults
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "direct"])
+@pytest.mark.parametrize("transport", ["asyncio", "direct", "aiohttp"])
 def test_mixed_faults_each_request_ends_once_and_counters_match(transport: str) -> None:
     config = FaultConfig(latency_s=0.002, fault_rate=0.2, seed=7, hang_s=5, slow_s=0.05)
     with serve_faults(config) as srv:
@@ -107,7 +107,7 @@ EXPECTED = {"http_500": "http_500", "http_503": "http_503", "http_429": "http_42
             "repetition": "repetition", "truncated": "truncated", "bad_json": "answer_not_json"}
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "direct"])
+@pytest.mark.parametrize("transport", ["asyncio", "direct", "aiohttp"])
 def test_every_fault_is_classified_and_retried_only_when_transient(server: Any, transport: str) -> None:
     assert set(EXPECTED) | {"slow"} == set(FAULTS)
     client = make_client([server.base_url], max_retries=2, transport=transport)
@@ -173,7 +173,7 @@ def test_requests_spread_over_healthy_endpoints() -> None:
 # --------------------------------------------------------------------------- secrets
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "direct"])
+@pytest.mark.parametrize("transport", ["asyncio", "direct", "aiohttp"])
 def test_api_key_from_env_sent_as_bearer_and_never_exposed(server: Any, monkeypatch: Any,
                                                            caplog: Any, transport: str) -> None:
     secret = "sk-test-" + "".join(random.choice("abcdef0123456789") for _ in range(24))
@@ -444,13 +444,13 @@ def test_benchmark_smoke_report_fields(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- proxies
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "direct"])
+@pytest.mark.parametrize("transport", ["asyncio", "direct", "aiohttp"])
 def test_every_transport_honours_proxy_variables(server: Any, transport: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """HTTP_PROXY routes requests through the proxy (here the fault server, which answers an
     absolute-form request line like any other), and NO_PROXY exempts a host, for the default
     transport as for the SDK's."""
-    assert ClientSettings(model="m").transport == "direct"   # the default
+    assert ClientSettings(model="m").transport == "asyncio"   # the default
     for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", server.base_url.rsplit("/v1", 1)[0])

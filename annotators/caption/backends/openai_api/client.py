@@ -54,7 +54,11 @@ from annotators.caption.backends.images import encode_image
 from annotators.caption.backends.openai_api.endpoints import Endpoint, Pool, backoff_delay
 from annotators.caption.backends.openai_api.messages import ChatRequest, build_messages
 from annotators.caption.backends.openai_api.settings import ClientSettings
-from annotators.caption.backends.openai_api.transports import Fault, classify_error
+from annotators.caption.backends.openai_api.transports import (
+    Fault,
+    classify_error,
+    max_body_bytes,
+)
 from settings import ConfigError, parse_settings
 
 log = logging.getLogger(__name__)
@@ -85,13 +89,6 @@ class _LoopThread:
         self.thread.join(30)
         if not self.thread.is_alive():
             self.loop.close()
-
-
-def max_body_bytes(max_answer_chars: int) -> int:
-    """The largest response body parsed: room for an answer of ``max_answer_chars`` characters
-    written as JSON escapes (up to 12 bytes per character: a ``\\uXXXX`` surrogate pair), plus
-    1 MiB for the rest of the completion (ids, usage, log-probabilities)."""
-    return 12 * max_answer_chars + (1 << 20)
 
 
 def _json_body(content: bytes) -> Any:

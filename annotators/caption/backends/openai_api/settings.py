@@ -24,11 +24,11 @@ class ClientSettings:
     balance: Literal["least_in_flight", "round_robin"] = "least_in_flight"
     endpoint_fail_threshold: int = 3        # consecutive transport failures before a cooldown
     endpoint_cooldown_s: float = 10.0
-    # "direct": the OpenAI chat-completions call on a bare aiohttp session (default: about a
-    # third of the SDK's client CPU per request; see bench/caption_client_bench.py); "aiohttp":
-    # AsyncOpenAI over the SDK's aiohttp transport; "httpx": the SDK's default transport. All
-    # three honour HTTP(S)_PROXY / NO_PROXY.
-    transport: Literal["aiohttp", "httpx", "direct"] = "direct"
+    # "asyncio": HTTP/1.1 on asyncio's own sockets (default; a quarter of aiohttp's client CPU
+    # per request, see http1.py and bench/caption_client_bench.py); "direct": the same call on a
+    # bare aiohttp session; "aiohttp": AsyncOpenAI over the SDK's aiohttp transport; "httpx":
+    # the SDK's default transport. All four honour HTTP(S)_PROXY / NO_PROXY.
+    transport: Literal["asyncio", "direct", "aiohttp", "httpx"] = "asyncio"
     quiet_http_logs: bool = True            # raise the httpx2 logger (INFO per request) to WARNING
     timeout_s: float = 120.0                # per attempt
     max_retries: int = 4                    # retries of transient faults (after the 1st try)

@@ -1,7 +1,8 @@
 """How a request goes over the wire, and what its errors mean.
 
-Transports: ``AsyncOpenAI`` over the SDK's aiohttp transport (default), the SDK's httpx transport,
-or "direct" (the same requests on a bare aiohttp session). The client calls ``post`` with the
+Transports: "asyncio" (default: HTTP/1.1 on asyncio's own sockets, ``http1``), "direct" (the
+same requests on a bare aiohttp session), ``AsyncOpenAI`` over the SDK's aiohttp transport
+("aiohttp"), or the SDK's httpx transport ("httpx"). The client calls ``post`` with the
 request body already serialised (``content``: the same bytes on every transport, counted as
 sent) and parses the raw response itself: the SDK's typed
 ``chat.completions.create`` walks every message part with typing introspection and builds a
@@ -107,6 +108,13 @@ def env_proxy(url: str) -> str | None:
     return proxy
 
 
+def max_body_bytes(max_answer_chars: int) -> int:
+    """The largest response body parsed: room for an answer of ``max_answer_chars`` characters
+    written as JSON escapes (up to 12 bytes per character: a ``\\uXXXX`` surrogate pair), plus
+    1 MiB for the rest of the completion (ids, usage, log-probabilities)."""
+    return 12 * max_answer_chars + (1 << 20)
+
+
 def _json_or_none(content: bytes) -> Any:
     try:
         return json.loads(content)
@@ -116,7 +124,16 @@ def _json_or_none(content: bytes) -> Any:
 
 def connect(settings: ClientSettings, url: str, api_key: str) -> Any:
     """An AsyncOpenAI for ``url`` with its own connection pool sized to ``max_in_flight``
-    (or, with transport "direct", a bare aiohttp session speaking the same API)."""
+    (or, with transport "asyncio" or "direct", a lighter client speaking the same API)."""
+    if settings.transport == "asyncio":
+        from annotators.caption.backends.openai_api.http1 import Http1Client
+
+        headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
+                   "User-Agent": "multigran"}
+        return Http1Client(url, headers, limit=settings.max_in_flight,
+                           timeout_s=settings.timeout_s,
+                           body_limit=max_body_bytes(settings.max_answer_chars),
+                           proxy=env_proxy(url))
     import httpx2
     import openai
 
