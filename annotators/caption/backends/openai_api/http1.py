@@ -136,13 +136,14 @@ class _Connection(asyncio.Protocol):
                 continue             # an interim response: the real one follows
             self._start_body(status, headers)
         if self._framing == "length":
-            if len(self._buffer) >= self._remaining:
+            if self._remaining > self.body_limit:
+                if len(self._buffer) > self.body_limit:
+                    self._keep_alive = False
+                    self._finish(bytes(self._buffer[:self.body_limit + 1]))
+            elif len(self._buffer) >= self._remaining:
                 body = bytes(self._buffer[:self._remaining])
                 del self._buffer[:self._remaining]
                 self._finish(body)
-            elif len(self._buffer) > self.body_limit:
-                self._keep_alive = False
-                self._finish(bytes(self._buffer[:self.body_limit + 1]))
         elif self._framing == "chunked":
             self._advance_chunks()
         elif self._framing == "close":
@@ -407,7 +408,7 @@ class Http1Client:
         authority = _netloc(target.host, target.port)
         response = await connection.exchange(
             (f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{target.proxy_auth}\r\n")
-            .encode("latin-1"))
+            .encode("latin-1"), head_only=True)
         if not 200 <= response.status < 300:
             raise ConnectionError(f"proxy refused the tunnel to {authority}: "
                                   f"HTTP {response.status}")
