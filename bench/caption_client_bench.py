@@ -24,7 +24,7 @@ rendering: what the CPUs spend on one region request.
 Targets: >= 90 % of ideal; client <= 1 ms CPU per request; rendering <= 12 ms; sum <= 13 ms.
 
     python bench/caption_client_bench.py --requests 5000 --in-flight 256 --latency-ms 100 \
-        [--transport direct|aiohttp|httpx] [--server lean|fault]
+        [--repeat 3] [--transport asyncio|direct|aiohttp|httpx] [--server lean|fault]
     python bench/caption_client_bench.py --smoke --json /tmp/smoke.json
 
 ``--baseline-aiohttp`` also times a bare aiohttp loop posting the same bodies: the floor for
@@ -85,18 +85,25 @@ def time_client(server: ProcessFaultServer, args: argparse.Namespace) -> dict[st
                              "max_in_flight": args.in_flight, "timeout_s": 30.0,
                              "transport": args.transport})
     client.setup()
+    runs: list[dict[str, float]] = []
+    results: list[Any] = []
     try:
         client.run_many(make_requests(args.in_flight, client, args.image_side))   # warm-up
-        requests = make_requests(args.requests, client, args.image_side)
-        before = server.stats()["cpu_s"]
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        results = client.run_many(requests)
-        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        server_cpu = server.stats()["cpu_s"] - before
+        for _ in range(args.repeat):
+            requests = make_requests(args.requests, client, args.image_side)
+            before = server.stats()["cpu_s"]
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            batch = client.run_many(requests)
+            wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+            runs.append({"wall_s": wall, "client_cpu_s": cpu,
+                         "server_cpu_s": server.stats()["cpu_s"] - before})
+            results += batch
     finally:
         client.teardown()
     failures = [r for r in results if isinstance(r, AnnotatorFailure)]
-    return {"wall_s": wall, "client_cpu_s": cpu, "server_cpu_s": server_cpu,
+    # the fastest run: what the client does when the shared machine leaves it alone
+    best = min(runs, key=lambda run: run["wall_s"])
+    return {**best, "runs_wall_s": [round(run["wall_s"], 3) for run in runs],
             "answers": len(results) - len(failures), "failures": len(failures),
             "failure_reasons": sorted({f.reason for f in failures}),
             "retries": client.metrics["retries"]}
@@ -192,6 +199,9 @@ def summarize(args: argparse.Namespace, timing: dict[str, Any],
         "image_side": args.image_side,
         "wall_s": round(timing["wall_s"], 3), "rps": round(rps, 1), "ideal_rps": round(ideal, 1),
         "efficiency": round(rps / ideal, 4), "cpu_per_request_ms": round(cpu_ms, 4),
+        # every timed run's share of ideal; the report's figures are the fastest run's
+        "efficiency_runs": [round(args.requests / wall / ideal, 4)
+                            for wall in timing["runs_wall_s"]],
         "client_cpu_ms_per_request": round(cpu_ms, 4),
         "render_ms_per_region_request": render_ms,
         "sum_ms_per_region_request": round(total_ms, 3),
@@ -234,7 +244,8 @@ def render(report: dict[str, Any]) -> str:
         f"server latency {report['latency_ms']} ms ({report['server']})  transport {report['transport']}",
         f"achieved {report['rps']:.0f} req/s of ideal {report['ideal_rps']:.0f} "
         f"= {report['efficiency']:.1%} (target >= {TARGET_EFFICIENCY:.0%}: "
-        f"{'met' if met['efficiency'] else 'NOT met'})",
+        f"{'met' if met['efficiency'] else 'NOT met'}); fastest of "
+        f"{len(report['efficiency_runs'])}: {', '.join(f'{e:.1%}' for e in report['efficiency_runs'])}",
         f"client CPU {report['cpu_per_request_ms']:.3f} ms/request (target <= "
         f"{TARGET_CPU_MS} ms: {'met' if met['cpu_per_request_ms'] else 'NOT met'}); "
         f"server CPU {report['server_cpu_per_request_ms']:.3f} ms/request",
@@ -272,6 +283,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="lean: bench/lean_server.py; fault: tests/fault_server.py")
     parser.add_argument("--jitter", type=float, default=0.0,
                         help="lean server: each latency uniform in latency x [1 - j, 1 + j] (mean unchanged)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="timed runs of --requests each; the report gives the fastest and lists all")
     parser.add_argument("--image-side", type=int, default=0,
                         help="also send a shared N x N JPEG with every request (0: none)")
     parser.add_argument("--baseline-aiohttp", action="store_true")
@@ -287,6 +300,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.requests < 1 or args.in_flight < 1 or args.latency_ms <= 0:
         parser.error("--requests and --in-flight must be >= 1, --latency-ms > 0")
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
     if args.render_side < 32 or args.render_masks < 1 or args.render_repeat < 1:
         parser.error("--render-side must be >= 32, --render-masks and --render-repeat >= 1")
     return args
