@@ -73,6 +73,7 @@ def _semantic_errors(record: dict, check_masks: bool) -> list[str]:
     errors: list[str] = []
     width, height = record["image"]["width"], record["image"]["height"]
     seen: dict[str, str] = {}
+    masked: list[tuple[str, dict]] = []     # regions whose mask is checked against bbox / area
     for i, region in enumerate(record["regions"]):
         where = f"regions[{i}]"
         rid = region["id"]
@@ -85,7 +86,12 @@ def _semantic_errors(record: dict, check_masks: bool) -> list[str]:
         x, y, w, h = region["bbox"]
         if x < 0 or y < 0 or w < 0 or h < 0 or x + w > width + 1e-6 or y + h > height + 1e-6:
             errors.append(f"{where}.bbox: {region['bbox']} is outside the {width}x{height} image")
-        errors.extend(_mask_errors(region, where, width, height, check_masks))
+        problem = _mask_shape_error(region, where, width, height)
+        if problem:
+            errors.append(problem)
+        elif check_masks and region["mask"] is not None:
+            masked.append((where, region))
+    errors.extend(_mask_errors(masked))
     errors.extend(_provenance_errors(record))
     return errors
 
@@ -106,23 +112,40 @@ def _provenance_errors(record: dict) -> list[str]:
     return errors
 
 
-def _mask_errors(region: dict, where: str, width: int, height: int, check_masks: bool) -> list[str]:
+def _mask_shape_error(region: dict, where: str, width: int, height: int) -> str | None:
     mask = region["mask"]
     if region["level"] == "pixel" and mask is None:
-        return [f"{where}.mask: a pixel-level region needs a mask"]
-    if mask is None:
-        return []
-    if list(mask["size"]) != [height, width]:
-        return [f"{where}.mask.size: {mask['size']} differs from the image [{height}, {width}]"]
-    if not check_masks:
+        return f"{where}.mask: a pixel-level region needs a mask"
+    if mask is not None and list(mask["size"]) != [height, width]:
+        return f"{where}.mask.size: {mask['size']} differs from the image [{height}, {width}]"
+    return None
+
+
+def _mask_errors(masked: list[tuple[str, dict]]) -> list[str]:
+    """Each mask's decoded tight box and pixel count against its region's ``bbox`` / ``area``:
+    one pycocotools call for all of a record's masks; a mask that does not decode is named."""
+    if not masked:
         return []
     # pycocotools; imported only when masks are checked
     from annotators.segment import masks as mask_utils
 
+    rles = [region["mask"] for _, region in masked]
     try:
-        box, area = mask_utils.bbox(mask), mask_utils.area(mask)
-    except Exception as exc:  # malformed counts string
-        return [f"{where}.mask.counts: does not decode ({exc})"]
+        boxes, areas = mask_utils.bboxes(rles), mask_utils.areas(rles)
+    except Exception:  # a malformed counts string: find which, one mask at a time
+        errors = []
+        for where, region in masked:
+            try:
+                errors += _mask_mismatch(where, region, mask_utils.bbox(region["mask"]),
+                                         mask_utils.area(region["mask"]))
+            except Exception as exc:
+                errors.append(f"{where}.mask.counts: does not decode ({exc})")
+        return errors
+    return [error for (where, region), box, area in zip(masked, boxes, areas, strict=True)
+            for error in _mask_mismatch(where, region, box, area)]
+
+
+def _mask_mismatch(where: str, region: dict, box: list[float], area: int) -> list[str]:
     errors = []
     if any(abs(a - b) > 0.5 for a, b in zip(box, region["bbox"])):
         errors.append(f"{where}.bbox: {region['bbox']} differs from the mask's box {box}")

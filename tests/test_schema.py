@@ -114,3 +114,23 @@ def test_the_fast_check_rejects_what_the_full_schema_rejects(mutate) -> None:
     assert list(validation._validator().iter_errors(record))
     with pytest.raises(fastjsonschema.JsonSchemaException):
         validation._fast_check()(record)
+
+
+def test_every_mask_of_a_record_is_checked_and_one_that_does_not_decode_is_named() -> None:
+    """Masks are checked in one pycocotools call per record; each mismatch still names its own
+    region, and a mask that cannot be decoded is named without hiding the others' errors."""
+    record = copy.deepcopy(_record())
+    pixel = record["regions"][1]
+    for i, (x, area) in enumerate([(14, 60.0), (3, 60.0), (3, 59.0)]):
+        mask = np.zeros((20, 30), bool)
+        mask[2:8, x:x + 10] = True
+        record["regions"].append(dict(copy.deepcopy(pixel), id=f"q{i}", bbox=[3.0, 2.0, 10.0, 6.0],
+                                      area=area, mask=masks.encode(mask)))
+    errors = record_errors(record)
+    assert errors == ["regions[2].bbox: [3.0, 2.0, 10.0, 6.0] differs from the mask's box "
+                      "[14.0, 2.0, 10.0, 6.0]",
+                      "regions[4].area: 59.0 differs from the mask's 60 pixels"]
+    record["regions"][3]["mask"]["counts"] = "é"      # not a COCO counts string
+    errors = record_errors(record)
+    assert errors[0].startswith("regions[2].bbox:") and errors[2].startswith("regions[4].area:")
+    assert errors[1].startswith("regions[3].mask.counts: does not decode") and len(errors) == 3
