@@ -405,3 +405,11 @@ def test_https_through_a_connect_tunnel_keeps_the_request_from_the_proxy(
     assert len(heads) == 1            # one tunnel, kept alive for both requests
     assert heads[0].startswith(b"CONNECT localhost:") and b"Proxy-Authorization: Basic " in heads[0]
     assert tunnelled and b"Bearer" not in tunnelled and b'{"q": 1}' not in tunnelled
+
+
+@pytest.mark.parametrize("key", ["sk-a\r\nX-Injected: 1", "sk-\u00e9t\u00e9"])
+def test_a_header_value_that_would_break_the_request_is_refused_without_showing_it(key: str) -> None:
+    with pytest.raises(ValueError, match="Authorization header") as caught:
+        Http1Client("http://127.0.0.1:9/v1", {"Authorization": f"Bearer {key}"}, limit=1,
+                    timeout_s=1.0, body_limit=100)
+    assert key not in str(caught.value) and "Injected" not in str(caught.value)

@@ -318,6 +318,11 @@ class Http1Client:
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
         self._limit = limit
+        for name, value in headers.items():
+            # a line break would start another header; the value (a key) is never shown
+            if any(c in f"{name}{value}" for c in "\r\n\0") or not f"{name}{value}".isascii():
+                raise ValueError(f"the {name} header holds a line break or a non-ASCII "
+                                 f"character; check where its value comes from")
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         self._fixed_headers = (f"Host: {self._target.netloc}\r\n{extra}"
                                f"Accept-Encoding: identity\r\n"
@@ -349,11 +354,12 @@ class Http1Client:
         return response
 
     async def close(self) -> None:
-        """Close every connection."""
+        """Close every connection (and let the loop finish closing them)."""
         for connection in list(self._open):
             connection.close()
         self._open.clear()
         self._idle.clear()
+        await asyncio.sleep(0)
 
     async def _exchange(self, held: list[_Connection], request: bytes) -> _Response:
         connection = await self._connection()
