@@ -269,6 +269,7 @@ class Recaption(beam.DoFn):
         self.ready = False
 
     def setup(self) -> None:
+        stages.settle_heap()
         self.captioner = build_captioner(self.config.captioner)
         self.hashes = self.captioner.step_hashes()
 
