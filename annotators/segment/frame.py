@@ -126,9 +126,10 @@ def rescale_masks(encoded: list[dict], height: int, width: int) -> list[dict]:
         if out[i] is None:
             todo.setdefault((int(m["size"][0]), int(m["size"][1])), []).append(i)
     for (src_h, src_w), members in todo.items():
-        for i, counts in zip(members, _rescale_runs([masks[i] for i in members], src_h, src_w,
-                                                    height, width)):
-            out[i] = rle.from_uncompressed({"size": [height, width], "counts": counts})
+        counts = _rescale_runs([masks[i] for i in members], src_h, src_w, height, width)
+        for i, encoded in zip(members, rle.from_uncompressed_many(counts, height, width),
+                              strict=True):
+            out[i] = encoded
     return [m for m in out if m is not None]
 
 

@@ -53,6 +53,15 @@ def from_uncompressed(rle: dict) -> dict:
     return {"size": [h, w], "counts": out["counts"].decode("ascii")}
 
 
+def from_uncompressed_many(counts: list[list[int]], height: int, width: int) -> list[dict]:
+    """``from_uncompressed`` of many counts lists of one frame size, in one pycocotools call."""
+    if not counts:
+        return []
+    out = mask_utils.frPyObjects([{"size": [height, width], "counts": c} for c in counts],
+                                 height, width)
+    return [{"size": [height, width], "counts": o["counts"].decode("ascii")} for o in out]
+
+
 def normalize(rle: dict) -> dict:
     """Any COCO RLE dict (counts bytes/str/list) -> {"size": [h, w], "counts": str}."""
     if isinstance(rle.get("counts"), list):
