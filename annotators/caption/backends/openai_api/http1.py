@@ -108,7 +108,9 @@ class _Connection(asyncio.Protocol):
         self._head_only = head_only
         self._body.clear()
         self.reusable = False
-        assert self.transport is not None
+        if self.closed or self.transport is None or self.transport.is_closing():
+            self._waiter = None
+            raise ConnectionError("the connection closed before the request was sent")
         self.transport.write(request)
         return await self._waiter
 
