@@ -1,10 +1,10 @@
 """The ``asyncio`` transport: the chat-completions POST over HTTP/1.1 on asyncio's own sockets.
 
 At hundreds of requests per second an HTTP client's own CPU decides how many requests one
-event loop keeps in flight: every answer of a wave waits for the ones parsed before it. aiohttp
-spends ~0.25 ms of CPU per request here (its request and response objects, multidicts, cookie
-jar, tracing hooks); this client does what a chat request needs and no more, ~0.06 ms
-(``bench/caption_client_bench.py``):
+event loop keeps in flight: every answer of a wave waits for the ones parsed before it. On aiohttp
+(its request and response objects, multidicts, cookie jar, tracing hooks) the caption client
+needs ~0.3 ms of CPU per request; on this client, which does what a chat request needs and no
+more, ~0.13 ms (``bench/caption_client_bench.py``, 2-core machine):
 
 * one POST per connection at a time, connections kept alive and reused last-in first-out (at
   most ``limit`` idle ones; the caller bounds the requests under way, as the client's pool

@@ -24,7 +24,7 @@ class ClientSettings:
     balance: Literal["least_in_flight", "round_robin"] = "least_in_flight"
     endpoint_fail_threshold: int = 3        # consecutive transport failures before a cooldown
     endpoint_cooldown_s: float = 10.0
-    # "asyncio": HTTP/1.1 on asyncio's own sockets (default; a quarter of aiohttp's client CPU
+    # "asyncio": HTTP/1.1 on asyncio's own sockets (default; under half of aiohttp's client CPU
     # per request, see http1.py and bench/caption_client_bench.py); "direct": the same call on a
     # bare aiohttp session; "aiohttp": AsyncOpenAI over the SDK's aiohttp transport; "httpx":
     # the SDK's default transport. All four honour HTTP(S)_PROXY / NO_PROXY.
