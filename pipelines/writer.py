@@ -109,12 +109,6 @@ def _flagged(scores: dict[str, float]) -> bool | None:
     return None if flag is None else bool(flag)
 
 
-def region_rows(record: dict[str, Any], shard: str) -> list[dict[str, Any]]:
-    """Rows of index/regions (``region_columns`` of one record, as rows)."""
-    columns = region_columns([record], shard)
-    return [dict(zip(columns, values)) for values in zip(*columns.values())]
-
-
 REGION_COLUMNS = tuple(REGIONS_SCHEMA.names)   # filled by name below; a new column fails loudly
 
 

@@ -92,8 +92,7 @@ def _rewrite_shard(out: Path, shard: str, changed: list[tuple[dict[str, Any], st
     (out / "index" / "images" / f"{shard}.parquet").write_bytes(
         writer.parquet_bytes([writer.image_row(rec, shard) for rec in records], IMAGES_SCHEMA))
     (out / "index" / "regions" / f"{shard}.parquet").write_bytes(
-        writer.parquet_bytes([row for rec in records for row in writer.region_rows(rec, shard)],
-                             REGIONS_SCHEMA))
+        writer.parquet_bytes(writer.region_columns(records, shard), REGIONS_SCHEMA))
     path = out / "failures" / f"{shard}.parquet"
     old = pq.read_table(path).to_pylist() if path.exists() else []
     path.write_bytes(writer.parquet_bytes(old + failures, FAILURES_SCHEMA))
