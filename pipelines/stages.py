@@ -68,9 +68,10 @@ def settle_heap() -> None:
     """Once per worker process, when its first stage is set up: collect garbage, then move every
     object alive now (modules, Beam's pipeline graph, settings) out of the garbage collector's
     generations (``gc.freeze``). They live as long as the process, and a full collection would
-    otherwise walk all of them again and again while images stream through: 8-10 % of the wall
-    time of a given-mask build of 1,000 photos on this kind of machine (bench/pipeline_overhead.py,
-    runs interleaved). Frozen objects are still freed when their last reference goes."""
+    otherwise walk all of them again and again while images stream through: ~9 % of the wall
+    time of a given-mask build of 1,000 photos on a 2-core machine (7 interleaved pairs of runs,
+    2-14 % per pair; bench/pipeline_overhead.py's inputs). Frozen objects are still freed when
+    their last reference goes."""
     global _HEAP_SETTLED
     if not _HEAP_SETTLED:
         _HEAP_SETTLED = True
