@@ -225,3 +225,29 @@ def test_segmenter_provenance_comes_from_the_worker(tmp_path: Path, fast_config:
     assert manifest["annotators"]["segmenter"]["device"] == "not set up"   # the driver's view
     assert devices and all(d.startswith("worker-") for d in devices), devices
     assert f"worker-{os.getpid()}" not in devices                          # not this process
+
+
+def test_a_build_freezes_its_start_up_heap_once(tmp_path: Path) -> None:
+    """The worker's first stage moves what is alive at start-up (modules, Beam's graph) out of
+    the garbage collector's generations, once per process (``stages.settle_heap``)."""
+    import subprocess
+    import sys
+
+    code = """
+import gc, runpy, sys
+calls = []
+real = gc.freeze
+gc.freeze = lambda: (calls.append(1), real())
+sys.argv = ["build_dataset", "--input", "synthetic://3", "--output", sys.argv[1], "--no-progress"]
+try:
+    runpy.run_module("pipelines.build_dataset", run_name="__main__")
+except SystemExit as stop:
+    assert stop.code in (0, None), stop.code
+print(len(calls), gc.get_freeze_count())
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    calls, frozen = (int(v) for v in out.stdout.split()[-2:])
+    assert calls == 1 and frozen > 10_000
+    assert (tmp_path / "out" / "manifest.json").exists()
