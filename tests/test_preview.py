@@ -183,11 +183,13 @@ def test_prompts_and_failures_of_a_vllm_build(tmp_path: Path) -> None:
         captioner = {"name": "vllm", "model": "fake-vlm", "program": "longgrit",
                      "endpoints": [server.base_url],
                      "client": {"timeout_s": 2.0, "max_retries": 1, "backoff_base_s": 0.01}}
-        out, manifest = build(tmp_path, "synthetic://6?size=96", config={
+        # 12 inputs: about half of them lose their image-level text to a fault, and which half
+        # depends on the order requests reach the server; with 6, one survivor in ten runs
+        out, manifest = build(tmp_path, "synthetic://12?size=96", config={
             "segmenter": {"name": "given"}, "regions": {"max_regions": 4, "min_area_frac": 0.0},
             "shards": {"samples_per_shard": 4}, "captioner": captioner})
     assert manifest["counts"]["region_failures_by_reason"], manifest["counts"]
-    preview.build_preview(out, n=6)
+    preview.build_preview(out, n=12)
     html = (out / "preview" / "index.html").read_text()
     assert re.search(r'<article class="sample[^"]*\bhas-failures\b', html)
     if manifest["counts"]["region_failures_by_reason"].get("caption/judge_rejected"):
