@@ -413,3 +413,23 @@ def test_a_header_value_that_would_break_the_request_is_refused_without_showing_
         Http1Client("http://127.0.0.1:9/v1", {"Authorization": f"Bearer {key}"}, limit=1,
                     timeout_s=1.0, body_limit=100)
     assert key not in str(caught.value) and "Injected" not in str(caught.value)
+
+
+@pytest.mark.parametrize("transport", ["asyncio", "direct"])
+def test_both_light_transports_read_retry_after_whatever_its_case(transport: str) -> None:
+    """A server may write ``Retry-After`` in any case; both transports hand it on."""
+    from annotators.caption.backends.openai_api.settings import ClientSettings
+    from annotators.caption.backends.openai_api.transports import connect
+
+    busy = ok(b'{"message": "busy"}', "RETRY-after: 3\r\n").replace(b"200 OK", b"429 Slow down")
+
+    async def main() -> DirectStatusError:
+        async with ScriptedServer(lambda i: [busy]) as server:
+            http = connect(ClientSettings(model="m", transport=transport), server.url(), "k")
+            with pytest.raises(DirectStatusError) as caught:
+                await http.post("/chat/completions", content=b"{}")
+            await http.close()
+            return caught.value
+
+    fault = status_fault(run(main()), "http://x/v1")
+    assert (fault.reason, fault.retry_after) == ("http_429", 3.0)

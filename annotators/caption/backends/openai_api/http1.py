@@ -34,7 +34,7 @@ import urllib.parse
 import zlib
 from typing import Any, Awaitable
 
-from annotators.caption.backends.openai_api.transports import DirectStatusError, _json_or_none
+from annotators.caption.backends.openai_api.transports import DirectStatusError
 
 MAX_HEAD_BYTES = 64 * 1024          # status line and headers of one response
 _NO_BODY = (204, 304)
@@ -350,9 +350,7 @@ class Http1Client:
             for connection in held:
                 self._release(connection)
         if response.status >= 400:
-            body = response.content
-            raise DirectStatusError(response.status, response.headers, _json_or_none(body),
-                                    body[:300].decode(errors="replace"))
+            raise DirectStatusError.of(response.status, response.headers, response.content)
         return response
 
     async def close(self) -> None:

@@ -37,7 +37,8 @@ class Fault:
 
 
 class DirectStatusError(Exception):
-    """An HTTP error status from the direct transport (same fields status_fault reads)."""
+    """An HTTP error status from the asyncio or direct transport (the fields status_fault reads);
+    build it with ``of``."""
 
     def __init__(self, status: int, headers: Mapping[str, str], body: Any, message: str) -> None:
         super().__init__(f"HTTP {status}: {message}")
@@ -45,6 +46,13 @@ class DirectStatusError(Exception):
         self.response = type("_Response", (), {"headers": headers})()
         self.body = body
         self.message = message
+
+    @classmethod
+    def of(cls, status: int, headers: Mapping[str, str], content: bytes) -> "DirectStatusError":
+        """The error for a response: header names lower-cased (servers write ``Retry-After`` in
+        any case), the body as JSON where it is, its start as the message."""
+        return cls(status, {name.lower(): value for name, value in headers.items()},
+                   _json_or_none(content), content[:300].decode(errors="replace"))
 
 
 class _DirectResponse:
@@ -81,8 +89,7 @@ class _DirectClient:
                                           proxy=self._proxy) as response:
                 content = await response.read()
                 if response.status >= 400:
-                    raise DirectStatusError(response.status, dict(response.headers),
-                                             _json_or_none(content), content[:300].decode(errors="replace"))
+                    raise DirectStatusError.of(response.status, response.headers, content)
                 return _DirectResponse(content)
         except asyncio.TimeoutError as exc:
             raise TimeoutError(str(exc) or "request timed out") from exc
