@@ -1,6 +1,8 @@
 """COCO RLE helpers on top of pycocotools (the record's mask format)."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -49,11 +51,10 @@ def from_polygons(polygons: list[list[float]], height: int, width: int) -> dict:
 def from_uncompressed(rle: dict) -> dict:
     """COCO uncompressed RLE (counts as a list of ints) -> compressed RLE."""
     h, w = rle["size"]
-    out = mask_utils.frPyObjects(rle, h, w)
-    return {"size": [h, w], "counts": out["counts"].decode("ascii")}
+    return from_uncompressed_many([rle["counts"]], h, w)[0]
 
 
-def from_uncompressed_many(counts: list[list[int]], height: int, width: int) -> list[dict]:
+def from_uncompressed_many(counts: list[Any], height: int, width: int) -> list[dict]:
     """``from_uncompressed`` of many counts lists of one frame size, in one pycocotools call."""
     if not counts:
         return []
@@ -126,12 +127,9 @@ def encode_runs(starts: np.ndarray, ends: np.ndarray, run_values: np.ndarray, he
     counts = np.stack([starts - previous_end, ends - starts], axis=1).ravel()
     last = np.append(first[1:], len(starts)) - 1
     tails = height * width - ends[last]
-    uncompressed = []
-    for i, (lo, hi) in enumerate(zip(2 * first, 2 * (last + 1))):
-        runs_i = counts[lo:hi] if tails[i] == 0 else np.append(counts[lo:hi], tails[i])
-        uncompressed.append({"size": [height, width], "counts": runs_i})
-    encoded = mask_utils.frPyObjects(uncompressed, height, width)
-    rles = [{"size": [int(height), int(width)], "counts": e["counts"].decode("ascii")} for e in encoded]
+    per_value = [counts[lo:hi] if tails[i] == 0 else np.append(counts[lo:hi], tails[i])
+                 for i, (lo, hi) in enumerate(zip(2 * first, 2 * (last + 1)))]
+    rles = from_uncompressed_many(per_value, int(height), int(width))
     return values, rles, np.add.reduceat(ends - starts, first)
 
 
