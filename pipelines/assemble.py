@@ -11,6 +11,8 @@ from schemas import SCHEMA_VERSION, ProvenanceTable, record_errors
 
 def _drop_failed(regions: list[RegionView], failed: set[str]) -> list[RegionView]:
     """Remove failed regions; their children move up to the nearest surviving ancestor."""
+    if not failed:
+        return regions
     by_id = {r.id: r for r in regions}
     kept = []
     for region in regions:

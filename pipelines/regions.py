@@ -63,10 +63,11 @@ def _score(c: Candidate) -> float:
     return c.scores.get("predicted_iou", 0.0) + c.scores.get("stability", 0.0)
 
 
-def _dedup(cands: list[Candidate], settings: RegionSettings, dropped: Counter) -> list[Candidate]:
+def _dedup(cands: list[Candidate], settings: RegionSettings, dropped: Counter,
+           tight: dict[int, list[float]]) -> list[Candidate]:
     """Near-duplicates merge into the best-scored one (ties: larger, then earlier)."""
     order = sorted(range(len(cands)), key=lambda i: (-_score(cands[i]), -cands[i].area, i))
-    near = _near_duplicate_masks(cands, settings.dedup_iou)
+    near = _near_duplicate_masks(cands, settings.dedup_iou, tight)
     kept: list[int] = []
     kept_masks: set[int] = set()
     kept_boxes: list[int] = []
@@ -98,12 +99,19 @@ def _pair_overlaps(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return np.clip(iw, 0, None) * np.clip(ih, 0, None)
 
 
-def _tight_boxes(cands: list[Candidate], indices: list[int]) -> np.ndarray:
-    """The masks' own [x, y, w, h] (a candidate's ``bbox`` need not be tight)."""
-    return np.array(rle.bboxes([cands[i].rle for i in indices]), np.float64).reshape(-1, 4)
+def _tight_box_map(cands: list[Candidate]) -> dict[int, list[float]]:
+    """The masks' own [x, y, w, h] by ``id`` of the candidate (a candidate's ``bbox`` need not be
+    tight), measured once per image."""
+    masked = [c for c in cands if c.rle is not None]
+    return dict(zip(map(id, masked), rle.bboxes([c.rle for c in masked]), strict=True))
 
 
-def _near_duplicate_masks(cands: list[Candidate], dedup_iou: float) -> dict[int, set[int]]:
+def _tight_boxes(cands: list[Candidate], indices: list[int], tight: dict[int, list[float]]) -> np.ndarray:
+    return np.array([tight[id(cands[i])] for i in indices], np.float64).reshape(-1, 4)
+
+
+def _near_duplicate_masks(cands: list[Candidate], dedup_iou: float,
+                          tight: dict[int, list[float]]) -> dict[int, set[int]]:
     """Pairs of masks whose IoU passes ``dedup_iou``, as a map from each to the others.
 
     IoU is at most min(shared box pixels, either area) / the larger area, so only pairs whose
@@ -113,7 +121,7 @@ def _near_duplicate_masks(cands: list[Candidate], dedup_iou: float) -> dict[int,
     if len(masked) < 2:
         return {}
     rles = [cands[i].rle for i in masked]
-    boxes = _tight_boxes(cands, masked)
+    boxes = _tight_boxes(cands, masked, tight)
     areas = np.array(rle.areas(rles), np.float64)
     near: dict[int, set[int]] = {}
     for lo in range(0, len(masked), _BLOCK):
@@ -131,7 +139,8 @@ def _near_duplicate_masks(cands: list[Candidate], dedup_iou: float) -> dict[int,
     return near
 
 
-def _maybe_inside(cands: list[Candidate], contain_frac: float) -> np.ndarray:
+def _maybe_inside(cands: list[Candidate], contain_frac: float,
+                  tight: dict[int, list[float]]) -> np.ndarray:
     """(n, n) booleans: whether candidate j may be the parent of candidate i — larger, of the
     same kind (mask or box) and, for masks, with enough shared pixels of the tight boxes to hold
     ``contain_frac`` of i (they bound the masks' shared pixels)."""
@@ -140,7 +149,7 @@ def _maybe_inside(cands: list[Candidate], contain_frac: float) -> np.ndarray:
     masked = np.flatnonzero(is_mask)
     boxes = np.zeros((len(cands), 4))
     if masked.size:
-        boxes[masked] = _tight_boxes(cands, list(masked))
+        boxes[masked] = _tight_boxes(cands, list(masked), tight)
     maybe = np.empty((len(cands), len(cands)), bool)
     for lo in range(0, len(cands), _BLOCK):
         block = slice(lo, lo + _BLOCK)
@@ -156,7 +165,8 @@ def _containment(child: Candidate, parent: Candidate) -> float:
     return _box_inside(child.bbox, parent.bbox)
 
 
-def _build_tree(cands: list[Candidate], settings: RegionSettings, dropped: Counter) -> list[_Node]:
+def _build_tree(cands: list[Candidate], settings: RegionSettings, dropped: Counter,
+                tight: dict[int, list[float]]) -> list[_Node]:
     """Largest first; each candidate's parent is the smallest earlier one containing it.
 
     A candidate ``within`` another (sam-boxes: the mask of a given box) goes under that one's
@@ -166,7 +176,7 @@ def _build_tree(cands: list[Candidate], settings: RegionSettings, dropped: Count
     is_linked = set(linked)
     order = sorted((i for i in range(len(cands)) if i not in is_linked),
                    key=lambda i: (-cands[i].area, cands[i].bbox, i))
-    maybe = _maybe_inside(cands, settings.contain_frac)
+    maybe = _maybe_inside(cands, settings.contain_frac, tight)
     nodes: list[_Node] = []
     node_of: dict[int, _Node] = {}
     node_cands = np.zeros(len(cands), np.int64)   # candidate index of each node so far
@@ -228,8 +238,9 @@ def select_regions(cands: list[Candidate], image: np.ndarray | tuple[int, int],
             raise ValueError(f"mask size {c.rle['size']} is not the image's {[height, width]}")
     dropped: Counter = Counter()
     cands = _filter(cands, settings, float(width * height), dropped)
-    cands = _dedup(cands, settings, dropped)
-    nodes = _apply_limits(_build_tree(cands, settings, dropped), settings, dropped)
+    tight = _tight_box_map(cands)
+    cands = _dedup(cands, settings, dropped, tight)
+    nodes = _apply_limits(_build_tree(cands, settings, dropped, tight), settings, dropped)
     views: list[RegionView] = []
     ids: dict[int, str] = {}
     n_box = n_pix = 0

@@ -156,13 +156,14 @@ def _parse_counts(strings: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndar
     owner = np.searchsorted(char_offsets, ends, side="right") - 1
     first = np.searchsorted(owner, np.arange(len(strings)))
     index = np.arange(values.size) - first[owner]
-    # undo the deltas: odd indices, and even ones from 2 on, are running sums within a string
-    out = values.copy()
-    for chain in ((index & 1) == 1, ((index & 1) == 0) & (index >= 2)):
-        part = np.where(chain, values, 0)
-        running = np.cumsum(part)
-        before = np.concatenate(([0], running))[first]   # the chain's sum before each string
-        out[chain] = (running - before[owner])[chain]
+    # undo the deltas: from index 3 on, a value adds the one two before it. Values two apart
+    # have the same parity of position in the joined array, so one running sum per parity serves
+    # every string; each value takes away that sum just before its chain's head (index 1 for odd
+    # indices, 2 for even ones; index 0 stands alone)
+    running = np.empty_like(values)
+    running[0::2], running[1::2] = np.cumsum(values[0::2]), np.cumsum(values[1::2])
+    head = first[owner] + np.where(index & 1, 1, np.minimum(index, 2))
+    out = running - np.where(head >= 2, running[np.maximum(head - 2, 0)], 0)
     return out, owner, index
 
 
