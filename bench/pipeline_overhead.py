@@ -8,6 +8,12 @@ img2dataset-like loop over the same files: read, decode, resize to 1024 (area fi
 each wall is the fastest of ``--repeat`` runs (this machine is shared: the minimum is the least
 disturbed run, for both sides alike).
 
+A shared machine's speed drifts over minutes (the same loop over the same files takes 13.6 to
+15.9 s from one run to the next, with no time stolen from this machine), so the runs are
+interleaved: each repetition runs both sizes, the loop and the pipeline next to each other, the
+pipeline first on every other repetition. Each repetition's own ratio is reported too
+(``ratio_by_repeat``): it compares runs made within about a minute of each other.
+
 The loop runs OpenCV on one thread, as img2dataset's resizer does (``cv2.setNumThreads(1)``; it
 gets its parallelism from processes): the pipeline's stages use one thread too. The same loop with
 OpenCV's default threads (its area resize then uses every core) is reported as
@@ -111,37 +117,50 @@ def pipeline(manifest: Path, out: Path) -> tuple[float, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs=2, default=[100, 1000])
-    parser.add_argument("--repeat", type=int, default=2, help="runs per side and size; the fastest counts")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per side and size; the fastest counts")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="overhead-"))
-    rows = {}
+    sides = ("baseline_s", "baseline_cv2_threads_s", "pipeline_s")
+    walls: dict[int, dict[str, list[float]]] = {size: {side: [] for side in sides} for size in args.sizes}
+    built: dict[int, dict] = {}
     try:
-        for size in args.sizes:
-            manifest = make_inputs(work / f"in-{size}", size)
-            walls: dict[str, list[float]] = {"baseline_s": [], "baseline_cv2_threads_s": [], "pipeline_s": []}
-            for _ in range(max(1, args.repeat)):   # interleaved: a slow spell hits every side
-                walls["baseline_s"].append(baseline(manifest, work / f"base-{size}", threads=1))
-                walls["baseline_cv2_threads_s"].append(baseline(manifest, work / f"base-{size}", threads=None))
-                wall, built = pipeline(manifest, work / f"out-{size}")
-                walls["pipeline_s"].append(wall)
-            rows[size] = {**{k: round(min(v), 3) for k, v in walls.items()},
-                          "runs": {k: [round(x, 3) for x in v] for k, v in walls.items()},
-                          "written": built["counts"]["written"],
-                          "seconds_per_stage": built["seconds_per_stage"]}
+        manifests = {size: make_inputs(work / f"in-{size}", size) for size in args.sizes}
+        for rep in range(max(1, args.repeat)):
+            for size in args.sizes:
+                order = ("baseline_s", "pipeline_s") if rep % 2 == 0 else ("pipeline_s", "baseline_s")
+                for side in (*order, "baseline_cv2_threads_s"):
+                    if side == "pipeline_s":
+                        wall, built[size] = pipeline(manifests[size], work / f"out-{size}")
+                    else:
+                        wall = baseline(manifests[size], work / f"base-{size}",
+                                        threads=1 if side == "baseline_s" else None)
+                    walls[size][side].append(wall)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    rows = {size: {**{k: round(min(v), 3) for k, v in walls[size].items()},
+                   "runs": {k: [round(x, 3) for x in v] for k, v in walls[size].items()},
+                   "written": built[size]["counts"]["written"],
+                   "seconds_per_stage": built[size]["seconds_per_stage"]} for size in args.sizes}
     n1, n2 = args.sizes
 
     def marginal(side: str) -> float:
         return (rows[n2][side] - rows[n1][side]) / (n2 - n1)
 
+    def ratio_of(rep: int) -> float | None:
+        pipe = walls[n2]["pipeline_s"][rep] - walls[n1]["pipeline_s"][rep]
+        base = walls[n2]["baseline_s"][rep] - walls[n1]["baseline_s"][rep]
+        return round(pipe / base, 2) if base > 0 else None   # None: tiny sizes lost in noise
+
+    by_repeat = [ratio_of(rep) for rep in range(max(1, args.repeat))]
+    known = [r for r in by_repeat if r is not None]
     marginal_base, marginal_pipe = marginal("baseline_s"), marginal("pipeline_s")
     marginal_threads = marginal("baseline_cv2_threads_s")
     result = {"sizes": rows, "repeat": args.repeat, "marginal_baseline_ms": round(1000 * marginal_base, 2),
               "marginal_baseline_cv2_threads_ms": round(1000 * marginal_threads, 2),
               "marginal_pipeline_ms": round(1000 * marginal_pipe, 2),
               "ratio": round(marginal_pipe / marginal_base, 2),
+              "ratio_by_repeat": by_repeat, "ratio_median_of_repeats": round(float(np.median(known)), 2) if known else None,
               "ratio_cv2_threads": round(marginal_pipe / marginal_threads, 2), "target": 1.5}
     print(json.dumps(result, indent=1))
     if args.json:

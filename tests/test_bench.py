@@ -44,3 +44,45 @@ def test_gpu_script_runs_its_steps_in_smoke_mode(tmp_path: Path) -> None:
     assert pipeline["device"] == "cpu" and pipeline["written"] == 10 and math.isfinite(pipeline["images_per_s"])
     assert pipeline["segmenter"]["name"] == "sam-auto"
     assert sam   # the SAM benchmark's own report (its fields are tested in tests/test_sam.py)
+
+
+def test_overhead_interleaves_its_runs_and_reports_each_repetition(monkeypatch, tmp_path: Path, capsys) -> None:
+    """The loop and the pipeline run next to each other, in turn first; the figure is the fastest
+    run of each side and size, and each repetition's own ratio is listed (fake walls here)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import pipeline_overhead as po
+
+    calls: list[tuple[str, int]] = []
+    slow = (1.0, 1.3, 1.1)   # the machine's speed in each repetition (6 runs each)
+
+    def fake_inputs(root: Path, count: int, **_: object) -> Path:
+        return root / str(count)
+
+    def fake_baseline(manifest: Path, out: Path, threads: int | None = 1) -> float:
+        size, speed = int(manifest.name), slow[len(calls) // 6]
+        calls.append(("loop" if threads == 1 else "loop-threads", size))
+        return speed * (0.5 + size * (0.010 if threads == 1 else 0.008))
+
+    def fake_pipeline(manifest: Path, out: Path) -> tuple[float, dict]:
+        size, speed = int(manifest.name), slow[len(calls) // 6]
+        calls.append(("pipe", size))
+        return speed * (3.0 + size * 0.014), {"counts": {"written": size}, "seconds_per_stage": {}}
+
+    monkeypatch.setattr(po, "make_inputs", fake_inputs)
+    monkeypatch.setattr(po, "baseline", fake_baseline)
+    monkeypatch.setattr(po, "pipeline", fake_pipeline)
+    monkeypatch.setattr(sys, "argv", ["pipeline_overhead.py", "--sizes", "100", "1000", "--repeat", "3",
+                                      "--json", str(tmp_path / "o.json")])
+    po.main()
+    result = json.loads((tmp_path / "o.json").read_text())
+    # each repetition runs both sizes, loop and pipeline side by side, the pipeline first every other time
+    assert calls[:6] == [("loop", 100), ("pipe", 100), ("loop-threads", 100),
+                         ("loop", 1000), ("pipe", 1000), ("loop-threads", 1000)]
+    assert calls[6:8] == [("pipe", 100), ("loop", 100)] and calls[12:14] == [("loop", 100), ("pipe", 100)]
+    assert len(calls) == 18
+    # the fastest runs (repetition 0 here) give 14 vs 10 ms a image
+    assert result["marginal_pipeline_ms"] == 14.0 and result["marginal_baseline_ms"] == 10.0
+    assert result["ratio"] == 1.4 and result["ratio_by_repeat"] == [1.4, 1.4, 1.4]
+    assert result["ratio_median_of_repeats"] == 1.4 and result["ratio_cv2_threads"] == 1.75
+    assert result["sizes"]["1000"]["runs"]["pipeline_s"][1] > result["sizes"]["1000"]["pipeline_s"]
+    capsys.readouterr()
