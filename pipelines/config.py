@@ -93,7 +93,8 @@ class RegionSettings:
 
 @dataclass
 class BatchSettings:
-    """Batch sizes of the model stages (Beam BatchElements bounds)."""
+    """Images per call of the model stages (Beam BatchElements of this fixed size; fewer at the
+    end of a bundle)."""
 
     segment: int = 4
     caption: int = 8
