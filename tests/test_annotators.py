@@ -176,3 +176,16 @@ def test_classical_merging_matches_skimage_rag() -> None:
         theirs = graph.cut_threshold(fine, graph.rag_mean_color(image, fine), threshold, in_place=False)
         # the same partition, up to the names of the labels
         assert len(set(zip(ours.ravel(), theirs.ravel()))) == len(np.unique(ours)) == len(np.unique(theirs))
+
+
+def test_given_masks_with_counts_past_their_frame_are_refused_not_resized() -> None:
+    """A given mask whose counts run past its ``size`` (or a negative count) is bad input: the
+    resize refuses it instead of spilling its pixels into the next mask of the image."""
+    from annotators.segment.frame import rescale_masks
+
+    good = {"size": [2, 2], "counts": [0, 1, 3]}
+    # [5, 1]: 6 pixels in a frame of 4; "1O4": the counts 1, -1, 4 (COCO's string form)
+    for bad in ({"size": [2, 2], "counts": [5, 1]}, {"size": [2, 2], "counts": "1O4"}):
+        with pytest.raises(ValueError, match="counts"):
+            rescale_masks([bad, good], 4, 4)
+    assert masks.decode(rescale_masks([good], 4, 4)[0]).sum() == 4

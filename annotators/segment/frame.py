@@ -150,6 +150,8 @@ def _rescale_runs(masks: list[dict], src_h: int, src_w: int, height: int,
     one unused pixel so that runs of two masks never touch. Only the columns a run touches are
     visited (~200 of a mask's 1,280 for a photo's object), not every column of every frame."""
     starts, ends, owner = rle.runs_flat(masks)
+    if ends.size and ends.max() > src_h * src_w:   # its pixels would spill into the next mask
+        raise ValueError(f"a mask's counts run past its size {src_h}x{src_w}")
     base = owner * (src_h * src_w)
     starts, ends = starts + base, ends + base
     first_col, last_col = starts // src_h, (ends - 1) // src_h

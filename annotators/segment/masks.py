@@ -187,6 +187,8 @@ def runs_flat(rles: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty
     lengths, owner, index = _parse_counts([_counts_bytes(r) for r in rles])
+    if lengths.size and lengths.min() < 0:
+        raise ValueError("an RLE's counts include a negative run length")
     firsts = np.searchsorted(owner, np.arange(len(rles)))
     offsets = np.cumsum(lengths)
     offsets -= np.concatenate(([0], offsets))[firsts][owner]   # running sums within each mask
