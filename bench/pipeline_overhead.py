@@ -19,7 +19,7 @@ gets its parallelism from processes): the pipeline's stages use one thread too. 
 OpenCV's default threads (its area resize then uses every core) is reported as
 ``ratio_cv2_threads``.
 
-    python bench/pipeline_overhead.py --sizes 100 1000 [--repeat 2] [--json bench/results/overhead.json]
+    python bench/pipeline_overhead.py --sizes 100 1000 [--repeat 3] [--json bench/results/overhead.json]
 """
 from __future__ import annotations
 

@@ -342,7 +342,7 @@ def main() -> int:
     if not verbose:   # third-party chatter a user cannot act on
         for name in ("apache_beam", "httpx", "urllib3", "absl"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        # e.g. BatchElements' batch-size fit warns about its own numerics on small batches
+        # warnings from Beam's own internals
         warnings.filterwarnings("ignore", module=r"apache_beam(\..*)?$")
     try:
         if "--print-config" in sys.argv:
