@@ -160,7 +160,8 @@ def main() -> None:
               "marginal_baseline_cv2_threads_ms": round(1000 * marginal_threads, 2),
               "marginal_pipeline_ms": round(1000 * marginal_pipe, 2),
               "ratio": round(marginal_pipe / marginal_base, 2),
-              "ratio_by_repeat": by_repeat, "ratio_median_of_repeats": round(float(np.median(known)), 2) if known else None,
+              "ratio_by_repeat": by_repeat,
+              "ratio_median_of_repeats": round(float(np.median(known)), 2) if known else None,
               "ratio_cv2_threads": round(marginal_pipe / marginal_threads, 2), "target": 1.5}
     print(json.dumps(result, indent=1))
     if args.json:
